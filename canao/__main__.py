@@ -1,0 +1,4 @@
+from canao.cli import main
+import sys
+
+sys.exit(main())

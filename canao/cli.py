@@ -1,0 +1,168 @@
+"""The ``canao`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from canao.errors import CanaoError
+
+EPILOG = "MODEL: 'minilm' (default, offline pretrained MiniLM-L6), a local Hugging Face folder, " \
+    "a BertConfig .json file, or a shape preset such as 'bert-base' (random weights)."
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _seq(text: str) -> int | None:
+    if text in ("dynamic", "symbolic"):
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--seq takes a positive length or 'dynamic', got {text!r}")
+    return int(text)
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default="minilm", metavar="MODEL", help=EPILOG)
+    parser.add_argument("--target", default="x86", help="x86 (default), arm64 or cuda")
+    parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    parser.add_argument(
+        "--seq", type=_seq, default=128, help="sequence length, or 'dynamic' (default 128)"
+    )
+    parser.add_argument(
+        "--head",
+        choices=("base", "classification"),
+        default="base",
+        help="export the encoder (last hidden state) or a sequence-classification head",
+    )
+    parser.add_argument("--rpc", metavar="HOST:PORT", help="remote device: RPC server or tracker")
+    parser.add_argument("--key", help="device key at the RPC tracker named by --rpc")
+    parser.add_argument(
+        "--rpc-timeout", type=float, default=20.0, help="seconds to wait for the device"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="canao",
+        description="Compiler-aware architecture search of BERT models for edge devices.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    comp = commands.add_parser(
+        "compile", help="compile MODEL with TVM, check it against PyTorch, export library+manifest"
+    )
+    _add_model_args(comp)
+    comp.add_argument("--pipeline", default="default", help="build pipeline (see `canao list`)")
+    comp.add_argument("-o", "--output", required=True, type=Path, help="artifact folder")
+    comp.set_defaults(run=_cmd_compile)
+
+    bench = commands.add_parser("bench", help="compile MODEL and measure its latency")
+    _add_model_args(bench)
+    bench.add_argument(
+        "--pipeline", default="default", help="pipeline(s), comma-separated (default: default)"
+    )
+    bench.add_argument("--threads", type=_int_list, help="thread counts, e.g. 1,2 (default: all)")
+    bench.add_argument("--repeats", type=int, default=20, help="timed repeats (default 20)")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed warm-up runs (default 3)")
+    bench.add_argument("--cache", type=Path, help="SQLite latency cache (default: ~/.cache/canao)")
+    bench.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    bench.add_argument("--refresh", action="store_true", help="measure even if cached")
+    bench.add_argument("--csv", type=Path, help="also write the table as CSV")
+    bench.set_defaults(run=_cmd_bench)
+
+    lst = commands.add_parser("list", help="list targets, pipelines and model presets")
+    lst.set_defaults(run=_cmd_list)
+    return parser
+
+
+def _rpc_address(args: argparse.Namespace):  # -> RPCAddress | None
+    from canao.latency.rpc import RPCAddress
+
+    if args.key and not args.rpc:
+        raise CanaoError("--key names a device at a tracker: give the tracker with --rpc HOST:PORT")
+    return RPCAddress.parse(args.rpc, args.key) if args.rpc else None
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from canao import workflow
+
+    rpc = _rpc_address(args)
+    compiled = workflow.compile_and_verify(
+        args.model, args.target, args.pipeline, args.batch, args.seq, args.head, rpc,
+        args.rpc_timeout,
+    )
+    folder = workflow.export(compiled, args.output)
+    numerics = compiled.numerics or {}
+    kernels = compiled.kernels.summary()
+    print(f"compiled {compiled.model.name} for {args.target} ({args.pipeline}) "
+          f"in {compiled.build_seconds:.1f} s -> {folder}")
+    print("kernels: " + ", ".join(f"{k}={v}" for k, v in kernels.items()))
+    if "max_abs_diff" in numerics:
+        print(f"numerics vs PyTorch ({numerics['device']}): max abs diff "
+              f"{numerics['max_abs_diff']:.2e} <= {numerics['tolerance']:.2e}")
+    else:
+        print(f"numerics: {numerics.get('reason', 'not checked')}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from canao import workflow
+    from canao.latency.cache import LatencyCache
+    from canao.latency.protocol import Protocol
+
+    rpc = _rpc_address(args)
+    protocol = Protocol(warmup=args.warmup, repeats=args.repeats)
+    cache = None if args.no_cache else LatencyCache(args.cache)
+    pipelines = [p for p in args.pipeline.split(",") if p]
+    with tempfile.TemporaryDirectory(prefix="canao-bench-") as tmp:
+        table = workflow.bench(
+            args.model, args.target, pipelines, args.batch, args.seq, args.head,
+            threads=args.threads or [None], protocol=protocol, rpc=rpc, cache=cache,
+            refresh=args.refresh, workdir=Path(tmp), rpc_timeout_s=args.rpc_timeout,
+        )
+    print(workflow.format_table(table))
+    if args.csv:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.csv, index=False)
+        print(f"wrote {args.csv}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from canao.compiler.models import PRESETS
+    from canao.compiler.pipelines import PIPELINES
+    from canao.compiler.targets import TARGETS
+
+    print("targets:")
+    for name, spec in TARGETS.items():
+        print(f"  {name:10s} {spec.description}")
+    print("pipelines: " + ", ".join(PIPELINES))
+    print("model presets: minilm (pretrained), " + ", ".join(PRESETS))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except CanaoError as err:
+        print(f"canao: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("canao: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

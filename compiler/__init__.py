@@ -1,0 +1,1 @@
+"""canao.compiler"""

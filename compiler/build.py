@@ -1,0 +1,161 @@
+"""Build an imported BERT for a target, export it, load it back.
+
+One :class:`CompiledModel` per (model, input shapes, target, pipeline). The
+exported artifact is a folder holding the deployable shared library
+(``model.so``, weights inside) and ``manifest.json``: model, architecture,
+target, pipeline, input shapes, kernel counts, numerics check and versions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from canao.compiler.importer import INPUT_NAMES, InputSpec, import_bert
+from canao.compiler.kernels import KernelReport, kernel_report
+from canao.compiler.models import LoadedModel
+from canao.compiler.pipelines import get_pipeline
+from canao.compiler.targets import TargetSpec, get_target
+from canao.errors import ArtifactError
+
+MANIFEST_NAME = "manifest.json"
+LIBRARY_NAME = "model.so"
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class CompiledModel:
+    model: LoadedModel
+    spec: InputSpec
+    target: TargetSpec
+    pipeline: str
+    executable: Any  # tvm.relax.VMExecutable
+    lowered: Any  # the IRModule after the pipeline, before VM codegen
+    kernels: KernelReport
+    build_seconds: float
+    numerics: dict[str, float] | None = None  # filled by canao.compiler.verify
+
+    def artifact_hash(self) -> str:
+        """What a latency cache key needs: same model, shapes, target, pipeline."""
+        return self.model.fingerprint
+
+    def manifest(self) -> dict[str, Any]:
+        from canao.latency.environment import versions
+
+        seq = self.spec.seq_len
+        shape = [self.spec.batch, seq if seq is not None else "seq"]
+        return {
+            "format": MANIFEST_VERSION,
+            "library": LIBRARY_NAME,
+            "model": {
+                "name": self.model.name,
+                "source": self.model.source,
+                "fingerprint": self.model.fingerprint,
+                "class": type(self.model.module).__name__,
+            },
+            "arch": self.model.arch(),
+            "target": {
+                "name": self.target.name,
+                "tvm": str(self.target.tvm_target()),
+                "triple": self.target.triple,
+                "device_type": self.target.device_type,
+            },
+            "pipeline": self.pipeline,
+            "inputs": [{"name": n, "shape": shape, "dtype": "int64"} for n in INPUT_NAMES],
+            "kernels": self.kernels.summary(),
+            "numerics": self.numerics,
+            "build_seconds": round(self.build_seconds, 3),
+            "versions": versions(),
+        }
+
+
+@contextmanager
+def quiet_native_stderr():
+    """Silence TVM's C++ log spam (one warning per function on export) for a block.
+
+    The C++ runtime writes to file descriptor 2 directly, so Python-level
+    redirection does not reach it.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def compile_model(
+    model: LoadedModel,
+    target: str | TargetSpec = "x86",
+    pipeline: str = "default",
+    spec: InputSpec | None = None,
+) -> CompiledModel:
+    """Import ``model`` at ``spec``'s shapes, lower with ``pipeline``, generate code."""
+    from tvm import relax
+
+    target_spec = get_target(target) if isinstance(target, str) else target
+    spec = spec or InputSpec()
+    tvm_target = target_spec.tvm_target()
+    pipeline_pass = get_pipeline(pipeline, tvm_target)  # fail fast on a bad name
+    start = time.perf_counter()
+    imported = import_bert(model.module, spec)
+    # LegalizeOps logs a harmless "Fast mode segfaults" warning per embedding
+    # lookup from C++; errors still surface as Python exceptions.
+    with quiet_native_stderr(), tvm_target:  # type: ignore[attr-defined]
+        lowered = pipeline_pass(imported)  # type: ignore[operator]
+        executable = relax.build(lowered, tvm_target, relax_pipeline=None)
+    return CompiledModel(
+        model=model,
+        spec=spec,
+        target=target_spec,
+        pipeline=pipeline,
+        executable=executable,
+        lowered=lowered,
+        kernels=kernel_report(lowered),
+        build_seconds=time.perf_counter() - start,
+    )
+
+
+def export_library(compiled: CompiledModel, path: Path) -> Path:
+    """Write the deployable shared library (linked for the target's machine)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with quiet_native_stderr():
+        compiled.executable.export_library(str(path), fcompile=compiled.target.linker())
+    return path
+
+
+def export_artifact(compiled: CompiledModel, out_dir: str | Path) -> Path:
+    """Write ``model.so`` and ``manifest.json`` into ``out_dir``; return the folder."""
+    folder = Path(out_dir)
+    export_library(compiled, folder / LIBRARY_NAME)
+    manifest = json.dumps(compiled.manifest(), indent=2, sort_keys=True)
+    (folder / MANIFEST_NAME).write_text(manifest + "\n", encoding="utf-8")
+    return folder
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """The manifest of an exported artifact, with a clear error if the folder is not one."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{folder} is not a canao artifact: {MANIFEST_NAME} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{manifest_path}: malformed JSON ({err.msg})") from None
+    missing = {"library", "target", "inputs", "pipeline"} - set(manifest)
+    if missing:
+        raise ArtifactError(f"{manifest_path}: missing fields {sorted(missing)}")
+    if not (folder / manifest["library"]).is_file():
+        raise ArtifactError(f"{folder}: library {manifest['library']} is missing")
+    return manifest

@@ -1,0 +1,62 @@
+"""Named Relax build pipelines, kept in one map.
+
+A pipeline turns an imported high-level IRModule into a lowered module ready
+for VM code generation (``relax.build(..., relax_pipeline=None)``). Keeping
+the lowered module lets canao count kernels and feed the latency predictor.
+
+- ``default``: exactly what ``tvm.compile(mod, target)`` does out of the box
+  (on CPU: legalize and lower, no operator fusion, no schedules).
+- ``default-fused``: TVM's per-target default pipeline (``relax.get_default_pipeline``):
+  on CPU adds FuseOps/FuseTIR; on GPU adds DLight schedules.
+
+Later pipelines (schedules, polynomial fusion) register here with
+:func:`register_pipeline`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from canao.errors import UnknownPipelineError
+
+# A factory takes the tvm.target.Target and returns a tvm.transform.Pass.
+PipelineFactory = Callable[[object], object]
+
+
+def _tvm_default(target: object) -> object:
+    from tvm import relax
+
+    if "gpu" in target.keys:  # type: ignore[attr-defined]
+        # On GPU, tvm.compile itself switches to the target pipeline: unscheduled TIR
+        # has no thread bindings and cannot run there.
+        return relax.get_default_pipeline(target)
+    return relax.get_pipeline("default")
+
+
+def _tvm_default_fused(target: object) -> object:
+    from tvm import relax
+
+    return relax.get_default_pipeline(target)
+
+
+PIPELINES: dict[str, PipelineFactory] = {
+    "default": _tvm_default,
+    "default-fused": _tvm_default_fused,
+}
+
+
+def register_pipeline(name: str, factory: PipelineFactory) -> None:
+    if name in PIPELINES:
+        raise ValueError(f"pipeline {name!r} is already registered")
+    PIPELINES[name] = factory
+
+
+def get_pipeline(name: str, target: object) -> object:
+    """The pass for pipeline ``name`` on ``target``; an unknown name lists the valid ones."""
+    try:
+        factory = PIPELINES[name]
+    except KeyError:
+        raise UnknownPipelineError(
+            f"unknown pipeline {name!r}; valid pipelines: {', '.join(PIPELINES)}"
+        ) from None
+    return factory(target)
