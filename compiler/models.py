@@ -28,6 +28,8 @@ from canao.errors import InvalidModelConfigError, ModelNotFoundError
 DEFAULT_MODEL = "minilm"
 _MINILM_ALIASES = ("minilm", "minilm-l6", "all-minilm-l6-v2", "default")
 
+_METADATA_FIELDS = frozenset({"transformers_version", "architectures", "torch_dtype", "dtype"})
+
 Head = Literal["base", "classification"]
 
 # Shapes of the published BERT family (Turc et al. 2019 for the small ones).
@@ -150,7 +152,13 @@ def load_pretrained(path: Path, head: Head, num_labels: int) -> PreTrainedModel:
 
 def fingerprint_module(module: torch.nn.Module, config: BertConfig) -> str:
     """Hash of config and every parameter: equal hash, equal compiled artifact."""
-    digest = hashlib.sha256(config.to_json_string(use_diff=False).encode())
+    # Only fields that change the computation: not where it was loaded from, nor metadata.
+    fields = {
+        key: value
+        for key, value in config.to_dict().items()
+        if not key.startswith("_") and key not in _METADATA_FIELDS
+    }
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())

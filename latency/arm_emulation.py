@@ -98,6 +98,18 @@ _BUILDING = ".canao-arm64-root.building"
 _WRAPPER = Path("usr/bin/python3-qemu")
 _SITE = "site-packages"
 _LOG_TAIL_CHARS = 4000
+# Host-side supervisor that leads the server's process group. It runs the server and,
+# when its stdin reaches EOF -- the owning process closed the pipe or died, even by
+# SIGKILL -- kills the whole group, so no emulated server outlives its owner.
+_SUPERVISOR = """
+import os, signal, subprocess, sys, threading
+child = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL)
+def watch():
+    sys.stdin.buffer.read()
+    os.killpg(0, signal.SIGKILL)
+threading.Thread(target=watch, daemon=True).start()
+sys.exit(child.wait())
+"""
 
 
 class EmulationUnavailable(RuntimeError):
@@ -636,10 +648,10 @@ class EmulatedRPCServer:
         self._tmp = tempfile.TemporaryDirectory(prefix="canao-arm64-rpc-")
         self._log = open(Path(self._tmp.name) / "server.log", "wb")  # noqa: SIM115
         # A session of its own: the server forks workers that would outlive a killed
-        # parent, so stop() signals the whole process group.
+        # parent, so stop() (or the supervisor, if we die) signals the whole group.
         self._proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
+            [sys.executable, "-I", "-c", _SUPERVISOR, *cmd],
+            stdin=subprocess.PIPE,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=self._tmp.name,
@@ -709,6 +721,8 @@ class EmulatedRPCServer:
             # Forked session workers may still be exiting after SIGTERM; make sure.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+            if proc.stdin is not None:
+                proc.stdin.close()
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -87,6 +88,7 @@ def connect(address: RPCAddress, timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
     from tvm import rpc
 
     if address.key is None:
+        # A standalone server (started without --tracker and without --key).
         _check_port(address.host, address.port, timeout_s, "server")
         return _bounded(
             lambda: rpc.connect(address.host, address.port),
@@ -115,7 +117,7 @@ def connect(address: RPCAddress, timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
 def registered_keys(tracker: Any) -> set[str]:
     """Device keys with at least one server registered at ``tracker``."""
     summary = tracker.summary()
-    return {key for key, info in summary.get("queue_info", {}).items() if info.get("free", 0)} | {
+    return {
         str(info["key"]).split(":", 1)[-1]
         for info in summary.get("server_info", [])
         if "key" in info
@@ -145,19 +147,28 @@ def free_port() -> int:
 
 
 class LocalRPC:
-    """A TVM RPC tracker and one server on 127.0.0.1, in their own process groups.
+    """TVM RPC on 127.0.0.1: a tracker plus one server registered under ``key``, or
+    (``use_tracker=False``) one standalone server. Each runs in its own process group.
 
     Server workers outlive a killed parent and keep their ports, so the whole
     process group is killed on exit.
     """
 
-    def __init__(self, key: str = "local", threads: int | None = None, python: str | None = None):
+    def __init__(
+        self,
+        key: str = "local",
+        threads: int | None = None,
+        python: str | None = None,
+        use_tracker: bool = True,
+    ) -> None:
         self.key = key
         self.threads = threads
         self.python = python or sys.executable
+        self.use_tracker = use_tracker
         self.tracker_port = free_port()
         self.server_port = free_port()
         self._procs: list[subprocess.Popen[bytes]] = []
+        self._logs: list[Path] = []
 
     @property
     def tracker(self) -> RPCAddress:
@@ -167,40 +178,64 @@ class LocalRPC:
     def server(self) -> RPCAddress:
         return RPCAddress("127.0.0.1", self.server_port)
 
-    def _spawn(self, args: list[str]) -> None:
+    def _spawn(self, args: list[str], role: str) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
         if self.threads:
             env["TVM_NUM_THREADS"] = str(self.threads)
-        self._procs.append(
-            subprocess.Popen(
+        log = Path(tempfile.mkstemp(prefix=f"canao-rpc-{role}-", suffix=".log")[1])
+        self._logs.append(log)
+        with log.open("wb") as sink:
+            proc = subprocess.Popen(
                 [self.python, *args],
                 env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        )
+        self._procs.append(proc)
+        return proc
+
+    def _fail(self, err: DeviceUnreachableError) -> DeviceUnreachableError:
+        tails = [
+            "\n".join(log.read_text(errors="replace").strip().splitlines()[-3:])
+            for log in self._logs
+        ]
+        self.__exit__()
+        return DeviceUnreachableError(f"{err}: {' | '.join(t for t in tails if t)}")
 
     def __enter__(self) -> LocalRPC:
-        t, s = str(self.tracker_port), str(self.server_port)
-        self._spawn(["-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", t,
-                     "--port-end", str(self.tracker_port + 1), "--silent"])
-        _wait_for_port(self.tracker_port, 30, "tracker")
-        self._spawn(["-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", s,
-                     "--port-end", str(self.server_port + 1), "--tracker", f"127.0.0.1:{t}",
-                     "--key", self.key, "--silent"])
-        _wait_for_port(self.server_port, 30, "server")
-        self._wait_registered(30)
+        server_args = ["-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
+                       "--port", str(self.server_port), "--port-end", str(self.server_port + 1),
+                       "--silent"]
+        try:
+            if not self.use_tracker:
+                _wait_for_port(self.server_port, 30, "server", self._spawn(server_args, "server"))
+                return self
+            tracker = self._spawn(["-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
+                                   "--port", str(self.tracker_port),
+                                   "--port-end", str(self.tracker_port + 1), "--silent"],
+                                  "tracker")
+            _wait_for_port(self.tracker_port, 30, "tracker", tracker)
+            # No probe of the server's port: a stray connection makes it drop out of
+            # the tracker and re-register. Registration is the readiness signal.
+            server = self._spawn(
+                [*server_args, "--key", self.key, "--tracker", f"127.0.0.1:{self.tracker_port}"],
+                "server",
+            )
+            self._wait_registered(30, server)
+        except DeviceUnreachableError as err:
+            raise self._fail(err) from None
         return self
 
-    def _wait_registered(self, timeout_s: float) -> None:
+    def _wait_registered(self, timeout_s: float, server: subprocess.Popen[bytes]) -> None:
         from tvm import rpc
 
         deadline = time.monotonic() + timeout_s
         tracker = rpc.connect_tracker("127.0.0.1", self.tracker_port)
         while self.key not in registered_keys(tracker):
+            if server.poll() is not None:
+                raise DeviceUnreachableError(f"local RPC server exited ({server.returncode})")
             if time.monotonic() > deadline:
-                self.__exit__()
                 raise DeviceUnreachableError(f"server {self.key!r} never registered")
             time.sleep(0.2)
 
@@ -212,11 +247,18 @@ class LocalRPC:
                 pass
             proc.wait()
         self._procs.clear()
+        for log in self._logs:
+            log.unlink(missing_ok=True)
+        self._logs.clear()
 
 
-def _wait_for_port(port: int, timeout_s: float, role: str) -> None:
+def _wait_for_port(
+    port: int, timeout_s: float, role: str, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise DeviceUnreachableError(f"local RPC {role} exited with code {proc.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return

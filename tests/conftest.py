@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Keep tests from reading or writing the user's ~/.cache/canao."""
+    monkeypatch.setenv("CANAO_CACHE_DIR", str(tmp_path_factory.mktemp("canao-cache")))
+
+
+def write_config(folder: Path, **fields: int) -> Path:
+    """A small random-weight BERT as a BertConfig JSON file."""
+    config = {
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "num_attention_heads": 2,
+        "intermediate_size": 128,
+        "vocab_size": 1000,
+        "max_position_embeddings": 128,
+    }
+    config.update(fields)
+    path = folder / "tiny.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Path:
+    return write_config(tmp_path)
