@@ -101,14 +101,18 @@ _LOG_TAIL_CHARS = 4000
 # Host-side supervisor that leads the server's process group. It runs the server and,
 # when its stdin reaches EOF -- the owning process closed the pipe or died, even by
 # SIGKILL -- kills the whole group, so no emulated server outlives its owner.
+# Raw os.read/os._exit: a daemon thread blocked in sys.stdin would abort the interpreter's
+# shutdown with a "Fatal Python error" in the server log.
 _SUPERVISOR = """
 import os, signal, subprocess, sys, threading
 child = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL)
 def watch():
-    sys.stdin.buffer.read()
+    while os.read(0, 4096):
+        pass
     os.killpg(0, signal.SIGKILL)
 threading.Thread(target=watch, daemon=True).start()
-sys.exit(child.wait())
+code = child.wait()
+os._exit(code if code >= 0 else 128 - code)
 """
 
 
@@ -776,11 +780,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         thost, _, tport = args.tracker.rpartition(":")
         tracker = (thost, int(tport))
 
-    # Turn SIGTERM into an exception so the process group is cleaned up either way.
+    # Turn SIGTERM/SIGHUP into an exception so the process group is cleaned up either way;
+    # SIGINT is set explicitly because shells start background jobs with it ignored.
     def _terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
     try:
         with EmulatedRPCServer(
             args.port,
