@@ -40,10 +40,21 @@ def torch_eager_row(model_name: str, threads: int, protocol: Protocol, seq: int)
     with torch.inference_mode():
         stats = summarize(time_callable(lambda: wrapper(*args), protocol))
     return {
-        "model": model_name, "target": "x86", "pipeline": "torch-eager", "shapes": f"1x{seq}",
-        "threads": threads, "median_ms": stats.median_ms, "min_ms": stats.min_ms,
-        "iqr_ms": stats.iqr_ms, "kernel_launches": None, "primfuncs": None, "vm_builtins": None,
-        "build_s": 0.0, "max_abs_diff": 0.0, "device": "local", "cached": False,
+        "model": model_name,
+        "target": "x86",
+        "pipeline": "torch-eager",
+        "shapes": f"1x{seq}",
+        "threads": threads,
+        "median_ms": stats.median_ms,
+        "min_ms": stats.min_ms,
+        "iqr_ms": stats.iqr_ms,
+        "kernel_launches": None,
+        "primfuncs": None,
+        "vm_builtins": None,
+        "build_s": 0.0,
+        "max_abs_diff": 0.0,
+        "device": "local",
+        "cached": False,
     }
 
 
@@ -54,8 +65,16 @@ def run(models: list[str], threads: list[int], seq: int) -> pd.DataFrame:
         with tempfile.TemporaryDirectory() as tmp:
             frames.append(
                 workflow.bench(
-                    model, "x86", ["default", "default-fused"], 1, seq, threads=list(threads),
-                    protocol=protocol, rpc=None, cache=None, workdir=Path(tmp),
+                    model,
+                    "x86",
+                    ["default", "default-fused"],
+                    1,
+                    seq,
+                    threads=list(threads),
+                    protocol=protocol,
+                    rpc=None,
+                    cache=None,
+                    workdir=Path(tmp),
                 )
             )
         frames.append(pd.DataFrame([torch_eager_row(model, t, protocol, seq) for t in threads]))
@@ -74,9 +93,7 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--seq", type=int, default=128)
     args = parser.parse_args()
-    table = run(
-        args.models.split(","), [int(t) for t in args.threads.split(",")], args.seq
-    )
+    table = run(args.models.split(","), [int(t) for t in args.threads.split(",")], args.seq)
     header = (
         f"CPU: {cpu_model()}; versions: "
         + ", ".join(f"{k} {v}" for k, v in sorted(versions().items()))

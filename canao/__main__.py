@@ -1,4 +1,5 @@
-from canao.cli import main
 import sys
+
+from canao.cli import main
 
 sys.exit(main())

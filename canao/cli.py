@@ -10,15 +10,19 @@ from pathlib import Path
 
 from canao.errors import CanaoError
 
-EPILOG = "MODEL: 'minilm' (default, offline pretrained MiniLM-L6), a local Hugging Face folder, " \
+EPILOG = (
+    "MODEL: 'minilm' (default, offline pretrained MiniLM-L6), a local Hugging Face folder, "
     "a BertConfig .json file, or a shape preset such as 'bert-base' (random weights)."
+)
 
 
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
@@ -28,7 +32,9 @@ def _seq(text: str) -> int | None:
     if text in ("dynamic", "symbolic"):
         return None
     if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"--seq takes a positive length or 'dynamic', got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--seq takes a positive length or 'dynamic', got {text!r}"
+        )
     return int(text)
 
 
@@ -99,18 +105,28 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
     rpc = _rpc_address(args)
     compiled = workflow.compile_and_verify(
-        args.model, args.target, args.pipeline, args.batch, args.seq, args.head, rpc,
+        args.model,
+        args.target,
+        args.pipeline,
+        args.batch,
+        args.seq,
+        args.head,
+        rpc,
         args.rpc_timeout,
     )
     folder = workflow.export(compiled, args.output)
     numerics = compiled.numerics or {}
     kernels = compiled.kernels.summary()
-    print(f"compiled {compiled.model.name} for {args.target} ({args.pipeline}) "
-          f"in {compiled.build_seconds:.1f} s -> {folder}")
+    print(
+        f"compiled {compiled.model.name} for {args.target} ({args.pipeline}) "
+        f"in {compiled.build_seconds:.1f} s -> {folder}"
+    )
     print("kernels: " + ", ".join(f"{k}={v}" for k, v in kernels.items()))
     if "max_abs_diff" in numerics:
-        print(f"numerics vs PyTorch ({numerics['device']}): max abs diff "
-              f"{numerics['max_abs_diff']:.2e} <= {numerics['tolerance']:.2e}")
+        print(
+            f"numerics vs PyTorch ({numerics['device']}): max abs diff "
+            f"{numerics['max_abs_diff']:.2e} <= {numerics['tolerance']:.2e}"
+        )
     else:
         print(f"numerics: {numerics.get('reason', 'not checked')}")
     return 0
@@ -127,9 +143,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     pipelines = [p for p in args.pipeline.split(",") if p]
     with tempfile.TemporaryDirectory(prefix="canao-bench-") as tmp:
         table = workflow.bench(
-            args.model, args.target, pipelines, args.batch, args.seq, args.head,
-            threads=args.threads or [None], protocol=protocol, rpc=rpc, cache=cache,
-            refresh=args.refresh, workdir=Path(tmp), rpc_timeout_s=args.rpc_timeout,
+            args.model,
+            args.target,
+            pipelines,
+            args.batch,
+            args.seq,
+            args.head,
+            threads=args.threads or [None],
+            protocol=protocol,
+            rpc=rpc,
+            cache=cache,
+            refresh=args.refresh,
+            workdir=Path(tmp),
+            rpc_timeout_s=args.rpc_timeout,
         )
     print(workflow.format_table(table))
     if args.csv:

@@ -123,8 +123,14 @@ def bench(
         )
         for count in threads:
             run = measure(
-                workload, inputs, protocol=protocol, threads=count, rpc=rpc, cache=cache,
-                refresh=refresh, rpc_timeout_s=rpc_timeout_s,
+                workload,
+                inputs,
+                protocol=protocol,
+                threads=count,
+                rpc=rpc,
+                cache=cache,
+                refresh=refresh,
+                rpc_timeout_s=rpc_timeout_s,
             )
             diff = np.nan
             if run.output is not None:  # freshly measured: the same run is checked
@@ -144,7 +150,7 @@ def raise_no_device(target: str) -> None:
     )
 
 
-def _row(compiled: CompiledModel, m, diff: float, cached: bool) -> dict[str, object]:  # noqa: ANN001
+def _row(compiled: CompiledModel, m, diff: float, cached: bool) -> dict[str, object]:
     return {
         "model": m.model,
         "target": m.target,

@@ -102,7 +102,9 @@ def validate_config(config: BertConfig, origin: str) -> None:
     for field in positive:
         value = getattr(config, field, None)
         if not isinstance(value, int) or value < 1:
-            raise InvalidModelConfigError(f"{origin}: {field} must be a positive integer, got {value!r}")
+            raise InvalidModelConfigError(
+                f"{origin}: {field} must be a positive integer, got {value!r}"
+            )
     if config.hidden_size % config.num_attention_heads:
         raise InvalidModelConfigError(
             f"{origin}: hidden_size {config.hidden_size} is not divisible by "

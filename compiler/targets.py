@@ -58,9 +58,7 @@ def _host_cpu_target() -> object:
 def _aarch64_target() -> object:
     import tvm
 
-    return tvm.target.Target(
-        {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
-    )
+    return tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
 
 
 def _cuda_target() -> object:

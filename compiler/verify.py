@@ -79,7 +79,9 @@ def verify(
     return worst
 
 
-def verify_locally(compiled: CompiledModel, tolerance: Tolerance | None = None) -> dict[str, object]:
+def verify_locally(
+    compiled: CompiledModel, tolerance: Tolerance | None = None
+) -> dict[str, object]:
     """Verify on this machine's device (x86 CPU, or a local GPU for cuda builds)."""
     from canao.compiler.importer import INPUT_NAMES
     from canao.latency.runner import local_runner

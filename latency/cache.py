@@ -97,9 +97,9 @@ class LatencyCache:
 
     def dataframe(self) -> pd.DataFrame:
         """Every stored measurement, one row each, oldest first."""
-        return pd.read_sql_query(
-            "SELECT * FROM measurements ORDER BY id", self._conn
-        ).drop(columns=["record"])
+        return pd.read_sql_query("SELECT * FROM measurements ORDER BY id", self._conn).drop(
+            columns=["record"]
+        )
 
     def close(self) -> None:
         self._conn.close()

@@ -65,8 +65,12 @@ def measure(
     device = rpc.label if rpc else "local"
     wanted_threads = threads if threads is not None else default_threads()
     key = measurement_key(
-        workload.model_hash, workload.target, workload.pipeline, workload.shapes,
-        wanted_threads, device,
+        workload.model_hash,
+        workload.target,
+        workload.pipeline,
+        workload.shapes,
+        wanted_threads,
+        device,
     )
     if cache is not None and not refresh:
         hit = cache.get(key)

@@ -11,7 +11,9 @@ or serving this machine to a search running elsewhere).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -204,17 +206,35 @@ class LocalRPC:
         return DeviceUnreachableError(f"{err}: {' | '.join(t for t in tails if t)}")
 
     def __enter__(self) -> LocalRPC:
-        server_args = ["-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
-                       "--port", str(self.server_port), "--port-end", str(self.server_port + 1),
-                       "--silent"]
+        server_args = [
+            "-m",
+            "tvm.exec.rpc_server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.server_port),
+            "--port-end",
+            str(self.server_port + 1),
+            "--silent",
+        ]
         try:
             if not self.use_tracker:
                 _wait_for_port(self.server_port, 30, "server", self._spawn(server_args, "server"))
                 return self
-            tracker = self._spawn(["-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
-                                   "--port", str(self.tracker_port),
-                                   "--port-end", str(self.tracker_port + 1), "--silent"],
-                                  "tracker")
+            tracker = self._spawn(
+                [
+                    "-m",
+                    "tvm.exec.rpc_tracker",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.tracker_port),
+                    "--port-end",
+                    str(self.tracker_port + 1),
+                    "--silent",
+                ],
+                "tracker",
+            )
             _wait_for_port(self.tracker_port, 30, "tracker", tracker)
             # No probe of the server's port: a stray connection makes it drop out of
             # the tracker and re-register. Registration is the readiness signal.
@@ -241,10 +261,8 @@ class LocalRPC:
 
     def __exit__(self, *exc: object) -> None:
         for proc in reversed(self._procs):
-            try:
-                os.killpg(proc.pid, 9)
-            except ProcessLookupError:
-                pass
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         self._procs.clear()
         for log in self._logs:

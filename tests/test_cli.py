@@ -13,7 +13,9 @@ from canao.latency.rpc import free_port
 
 def test_compile_writes_a_verified_artifact(tmp_path: Path, tiny_config: Path, capsys) -> None:
     out = tmp_path / "out"
-    assert main(["compile", str(tiny_config), "--target", "x86", "--seq", "16", "-o", str(out)]) == 0
+    assert (
+        main(["compile", str(tiny_config), "--target", "x86", "--seq", "16", "-o", str(out)]) == 0
+    )
     printed = capsys.readouterr().out
     assert "numerics vs PyTorch (local): max abs diff" in printed
     assert "kernel_launches=" in printed
@@ -23,9 +25,24 @@ def test_compile_writes_a_verified_artifact(tmp_path: Path, tiny_config: Path, c
 
 def test_bench_prints_a_table_and_csv(tmp_path: Path, tiny_config: Path, capsys) -> None:
     csv = tmp_path / "bench.csv"
-    args = ["bench", str(tiny_config), "--seq", "16", "--pipeline", "default,default-fused",
-            "--threads", "1", "--repeats", "3", "--warmup", "1",
-            "--cache", str(tmp_path / "c.sqlite"), "--csv", str(csv)]
+    args = [
+        "bench",
+        str(tiny_config),
+        "--seq",
+        "16",
+        "--pipeline",
+        "default,default-fused",
+        "--threads",
+        "1",
+        "--repeats",
+        "3",
+        "--warmup",
+        "1",
+        "--cache",
+        str(tmp_path / "c.sqlite"),
+        "--csv",
+        str(csv),
+    ]
     assert main(args) == 0
     table = capsys.readouterr().out
     assert "median_ms" in table and "default-fused" in table and "kernel_launches" in table
@@ -44,8 +61,10 @@ def test_list(capsys) -> None:
     ("argv", "message"),
     [
         (["compile", "missing/model", "-o", "x"], "model 'missing/model' not found"),
-        (["compile", "bert-tiny", "--target", "tpu", "-o", "x"],
-         "unknown target 'tpu'; valid targets: x86, arm64, cuda"),
+        (
+            ["compile", "bert-tiny", "--target", "tpu", "-o", "x"],
+            "unknown target 'tpu'; valid targets: x86, arm64, cuda",
+        ),
         (["bench", "bert-tiny", "--pipeline", "warp"], "unknown pipeline 'warp'"),
         (["bench", "bert-tiny", "--key", "phone"], "--key names a device at a tracker"),
     ],
@@ -71,13 +90,16 @@ def test_unreachable_device(capsys) -> None:
     assert f"cannot reach the RPC server at 127.0.0.1:{port}" in capsys.readouterr().err
 
 
-def test_arm64_without_device_is_not_silently_verified(tmp_path: Path, tiny_config: Path,
-                                                        capsys) -> None:
+def test_arm64_without_device_is_not_silently_verified(
+    tmp_path: Path, tiny_config: Path, capsys
+) -> None:
     import shutil
 
     if shutil.which("aarch64-linux-gnu-gcc") is None:
         pytest.skip("aarch64-linux-gnu-gcc not installed (apt-get install gcc-aarch64-linux-gnu)")
     out = tmp_path / "arm"
-    assert main(["compile", str(tiny_config), "--target", "arm64", "--seq", "8", "-o", str(out)]) == 0
+    assert (
+        main(["compile", str(tiny_config), "--target", "arm64", "--seq", "8", "-o", str(out)]) == 0
+    )
     assert "numerics: not run: no arm64 device here; pass --rpc" in capsys.readouterr().out
     assert json.loads((out / "manifest.json").read_text())["numerics"]["checked"] is False

@@ -32,10 +32,16 @@ from tests.conftest import write_config
     ("fields", "spec", "head"),
     [
         ({}, InputSpec(1, 32), "base"),
-        ({"num_hidden_layers": 3, "hidden_size": 96, "num_attention_heads": 3}, InputSpec(2, 17),
-         "base"),
-        ({"hidden_size": 128, "num_attention_heads": 4, "intermediate_size": 256},
-         InputSpec(1, 64), "classification"),
+        (
+            {"num_hidden_layers": 3, "hidden_size": 96, "num_attention_heads": 3},
+            InputSpec(2, 17),
+            "base",
+        ),
+        (
+            {"hidden_size": 128, "num_attention_heads": 4, "intermediate_size": 256},
+            InputSpec(1, 64),
+            "classification",
+        ),
     ],
     ids=["L2-H64", "L3-H96-batch2-odd-seq", "H128-classifier"],
 )
@@ -107,7 +113,7 @@ def test_export_and_reload(tmp_path: Path, tiny_config: Path) -> None:
 
 
 def test_read_manifest_errors(tmp_path: Path) -> None:
-    with pytest.raises(ArtifactError, match="manifest.json is missing"):
+    with pytest.raises(ArtifactError, match=r"manifest\.json is missing"):
         read_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text("{")
     with pytest.raises(ArtifactError, match="malformed JSON"):

@@ -43,8 +43,15 @@ def test_time_callable_counts_calls() -> None:
 
 def _fake(key: str, median_s: float) -> object:
     return make_measurement(
-        [median_s] * 3, key=key, model="m", model_hash="h", target="x86", pipeline="default",
-        shapes="s", threads=1, protocol=Protocol(repeats=3),
+        [median_s] * 3,
+        key=key,
+        model="m",
+        model_hash="h",
+        target="x86",
+        pipeline="default",
+        shapes="s",
+        threads=1,
+        protocol=Protocol(repeats=3),
     )
 
 

@@ -50,7 +50,7 @@ def test_missing_path_names_the_path_and_the_choices() -> None:
 
 
 def test_folder_without_config(tmp_path: Path) -> None:
-    with pytest.raises(ModelNotFoundError, match="no config.json"):
+    with pytest.raises(ModelNotFoundError, match=r"no config\.json"):
         load_model(tmp_path)
 
 

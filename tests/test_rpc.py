@@ -43,7 +43,9 @@ def test_direct_server(tiny_workload) -> None:  # noqa: F811
 def test_unreachable_device_fails_fast() -> None:
     port = free_port()  # nothing listens here
     start = time.monotonic()
-    with pytest.raises(DeviceUnreachableError, match=f"cannot reach the RPC server at 127.0.0.1:{port}"):
+    with pytest.raises(
+        DeviceUnreachableError, match=f"cannot reach the RPC server at 127.0.0.1:{port}"
+    ):
         connect(RPCAddress("127.0.0.1", port), timeout_s=3)
     with pytest.raises(DeviceUnreachableError, match="RPC tracker"):
         connect(RPCAddress("127.0.0.1", port, "phone"), timeout_s=3)
