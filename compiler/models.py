@@ -22,6 +22,7 @@ from typing import Literal
 
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertModel, PreTrainedModel
+from transformers import logging as hf_logging
 
 from canao.errors import InvalidModelConfigError, ModelNotFoundError
 
@@ -149,7 +150,14 @@ def load_pretrained(path: Path, head: Head, num_labels: int) -> PreTrainedModel:
     except (OSError, ValueError) as err:
         raise InvalidModelConfigError(f"{path}: unreadable config.json ({err})") from None
     validate_config(config, f"{path}/config.json")
-    return cls.from_pretrained(str(path), **kwargs).eval()
+    # transformers warns that the pooler weights go unused when loading the encoder
+    # alone; expected here, and noise on a user's terminal.
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return cls.from_pretrained(str(path), **kwargs).eval()
+    finally:
+        hf_logging.set_verbosity(previous)
 
 
 def fingerprint_module(module: torch.nn.Module, config: BertConfig) -> str:

@@ -39,9 +39,43 @@ def _tvm_default_fused(target: object) -> object:
     return relax.get_default_pipeline(target)
 
 
+def _canao_fast(target: object) -> object:
+    """canao's CPU pipeline: pre-packed dense kernels + dlight-style rules for the rest.
+
+    Analytic schedules, no tuning: a new architecture builds in seconds.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic.pipeline import dataflow_lower_passes, finalize_passes
+    from tvm.s_tir import dlight
+
+    from canao.compiler.schedules.dense import choose_tiling
+    from canao.compiler.schedules.pack_dense import pack_dense_weights
+    from canao.compiler.schedules.rules import default_rules
+
+    if "gpu" in target.keys:  # type: ignore[attr-defined]
+        return relax.get_default_pipeline(target)  # GPU schedules: issue 8
+    return tvm.transform.Sequential(
+        [
+            relax.transform.FoldConstant(),  # weight transposes -> constant W[K, N]
+            pack_dense_weights(choose_tiling(target)),
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+            dlight.ApplyDefaultSchedule(*default_rules()),
+            *dataflow_lower_passes(target),
+            *finalize_passes(target),
+        ],
+        name="canao.fast",
+    )
+
+
 PIPELINES: dict[str, PipelineFactory] = {
     "default": _tvm_default,
     "default-fused": _tvm_default_fused,
+    "fast": _canao_fast,
 }
 
 

@@ -142,7 +142,11 @@ def qemu_available() -> str | None:
 
 
 def default_root() -> Path:
-    """Where the arm64 root lives: ``$CANAO_CACHE_DIR/arm64-root`` or the user cache."""
+    """Where the arm64 root lives: ``$CANAO_ARM64_ROOT``, else ``$CANAO_CACHE_DIR/arm64-root``,
+    else the user cache."""
+    explicit = os.environ.get("CANAO_ARM64_ROOT")
+    if explicit:
+        return Path(explicit)
     cache = os.environ.get("CANAO_CACHE_DIR")
     base = Path(cache) if cache else Path.home() / ".cache" / "canao"
     return base / "arm64-root"
@@ -577,9 +581,9 @@ class EmulatedRPCServer:
 
     Args:
         port: port to serve on; 0 picks a free one (read :attr:`port` after entering).
-        key: device key announced to the tracker. Only used with ``tracker``: the stock
-            server then rejects clients that do not present the key, and plain
-            ``rpc.connect(host, port)`` would fail.
+        key: device key the server registers under with ``tracker``. Ignored without a
+            tracker, because the stock server would then demand the key from direct
+            clients too and a plain ``rpc.connect(host, port)`` would be rejected.
         tracker: ``(host, port)`` of an RPC tracker to register with.
         root: arm64 root (default :func:`default_root`); built if needed.
         start_timeout_s: how long to wait for the server to accept connections.
@@ -653,16 +657,16 @@ class EmulatedRPCServer:
         self._log = open(Path(self._tmp.name) / "server.log", "wb")  # noqa: SIM115
         # A session of its own: the server forks workers that would outlive a killed
         # parent, so stop() (or the supervisor, if we die) signals the whole group.
-        self._proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", _SUPERVISOR, *cmd],
-            stdin=subprocess.PIPE,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=self._tmp.name,
-            env=env,
-            start_new_session=True,
-        )
         try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-c", _SUPERVISOR, *cmd],
+                stdin=subprocess.PIPE,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                cwd=self._tmp.name,
+                env=env,
+                start_new_session=True,
+            )
             self.port = self._wait_ready()
         except BaseException:
             self.stop()

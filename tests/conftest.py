@@ -8,7 +8,15 @@ import pytest
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
-    """Keep tests from reading or writing the user's ~/.cache/canao."""
+    """Keep tests from reading or writing the user's latency cache.
+
+    The emulated arm64 root (~450 MB, built once) is shared on purpose: it is
+    versioned and rebuilt when stale, and rebuilding it per test run would only
+    cost time.
+    """
+    from canao.latency.arm_emulation import default_root
+
+    monkeypatch.setenv("CANAO_ARM64_ROOT", str(default_root()))
     monkeypatch.setenv("CANAO_CACHE_DIR", str(tmp_path_factory.mktemp("canao-cache")))
 
 

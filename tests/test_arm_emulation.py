@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from canao.latency import arm_emulation
 from canao.latency.arm_emulation import (
     EmulatedRPCServer,
@@ -63,6 +64,9 @@ def test_missing_qemu_is_reported_clearly(no_qemu: None, tmp_path: Path) -> None
 
 
 def test_default_root_follows_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CANAO_ARM64_ROOT", str(tmp_path / "explicit"))
+    assert default_root() == tmp_path / "explicit"
+    monkeypatch.delenv("CANAO_ARM64_ROOT")
     monkeypatch.setenv("CANAO_CACHE_DIR", str(tmp_path))
     assert default_root() == tmp_path / "arm64-root"
     monkeypatch.delenv("CANAO_CACHE_DIR")

@@ -1,0 +1,1 @@
+"""CPU schedules: pre-packed dense kernels and dlight-style TensorIR rules."""

@@ -1,0 +1,167 @@
+"""Dense layers as pre-packed, register-blocked GEMM kernels.
+
+``y = x @ W (+ bias) (-> GELU)`` with ``W`` a compile-time constant ``[K, N]``.
+The weight is re-laid out once, at build time, as ``Wp[N // nb, K, nb]``: a
+micro-kernel then streams one contiguous ``nb``-wide row of a panel per ``k``
+while ``mr x nb`` accumulators stay in vector registers.
+
+Schedule (per output tile ``mr x nb``, tiles in parallel over cores)::
+
+    for tile in parallel(N/nb x M/mr):    # panel-major: a Wp panel stays in L2
+        acc[mr, nb] = 0                   # registers
+        for k in K:
+            for i in unroll(mr):
+                acc[i, :] += A[i, k] * Wp[tile, k, :]   # broadcast-FMA, nb lanes
+        C[tile] = epilogue(acc)           # bias, GELU fused into the write-back
+
+``nb`` is two vector registers wide (32 fp32 lanes with AVX-512, 16 with
+AVX2/NEON), ``mr`` is 8 rows with AVX-512's 32 registers and 6 otherwise, so
+that ``mr * nb / lanes`` accumulators plus loads fit the register file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+EPILOGUES = ("none", "bias", "bias_gelu")
+
+
+@dataclass(frozen=True)
+class DenseTiling:
+    mr: int  # rows of the register tile
+    nb: int  # columns of the register tile = width of a packed weight panel
+
+    def packs(self, n: int) -> bool:
+        return n % self.nb == 0
+
+
+def vector_lanes(target: object) -> int:
+    """fp32 lanes of the target's widest SIMD register (16 AVX-512, 8 AVX2, 4 NEON/SSE)."""
+    from tvm.target.codegen import llvm_get_vector_width
+
+    bits = llvm_get_vector_width(target)
+    return max(bits // 32, 4) if bits > 0 else 4
+
+
+def choose_tiling(target: object) -> DenseTiling:
+    lanes = vector_lanes(target)
+    registers = 32 if lanes >= 16 or _is_aarch64(target) else 16
+    nb = 2 * lanes
+    mr = 8 if registers == 32 else 6
+    return DenseTiling(mr=mr, nb=nb)
+
+
+def _is_aarch64(target: object) -> bool:
+    return "aarch64" in str(getattr(target, "attrs", {}).get("mtriple", ""))
+
+
+def pack_weight(weight: np.ndarray, nb: int) -> np.ndarray:
+    """``W[K, N] -> Wp[N // nb, K, nb]`` (contiguous panels of ``nb`` output columns)."""
+    k, n = weight.shape
+    if n % nb:
+        raise ValueError(f"N={n} is not a multiple of the panel width {nb}")
+    return np.ascontiguousarray(weight.reshape(k, n // nb, nb).transpose(1, 0, 2))
+
+
+# Eigen's float erf rational approximation (also TVM's topi.fast_erf), as a scalar
+# expression so it can sit in a kernel's epilogue. Max abs error vs erf: ~1e-7.
+_ERF_ALPHA = (
+    -2.72614225801306e-10,
+    2.77068142495902e-08,
+    -2.10102402082508e-06,
+    -5.69250639462346e-05,
+    -7.34990630326855e-04,
+    -2.95459980854025e-03,
+    -1.60960333262415e-02,
+)  # odd numerator, highest power first
+_ERF_BETA = (
+    -1.45660718464996e-05,
+    -2.13374055278905e-04,
+    -1.68282697438203e-03,
+    -7.37332916720468e-03,
+    -1.42647390514189e-02,
+)  # even denominator, highest power first
+
+
+def erf_expr(x: object) -> object:
+    """Vectorisable erf(x) for float32 (libm's erff would be a scalar call per element)."""
+    from tvm import te
+
+    def const(value: float) -> object:
+        return te.const(value, "float32")
+
+    x = te.max(te.min(x, const(4.0)), const(-4.0))  # erf is +-1 in float32 beyond 4
+    x2 = x * x
+    p = const(_ERF_ALPHA[0])
+    for coefficient in _ERF_ALPHA[1:]:
+        p = p * x2 + const(coefficient)
+    q = const(_ERF_BETA[0])
+    for coefficient in _ERF_BETA[1:]:
+        q = q * x2 + const(coefficient)
+    return x * p / q
+
+
+def gelu_expr(x: object) -> object:
+    """GELU in its exact (erf) form, as PyTorch's nn.GELU() computes it."""
+    from tvm import te
+
+    half = te.const(0.5, "float32")
+    return (
+        half
+        * x
+        * (te.const(1.0, "float32") + erf_expr(x * te.const(0.7071067811865476, "float32")))
+    )
+
+
+def dense_primfunc(m: int, k: int, n: int, epilogue: str, tiling: DenseTiling) -> object:
+    """The scheduled TIR kernel for one dense shape and epilogue."""
+    from tvm import s_tir, te
+
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"unknown epilogue {epilogue!r}; expected one of {EPILOGUES}")
+    nb = tiling.nb
+    a = te.placeholder((m, k), "float32", name="A")
+    wp = te.placeholder((n // nb, k, nb), "float32", name="Wp")
+    r = te.reduce_axis((0, k), name="k")
+    out = te.compute(
+        (m, n), lambda i, j: te.sum(a[i, r] * wp[j // nb, r, j % nb], axis=r), name="gemm"
+    )
+    args = [a, wp]
+    epilogue_blocks = []
+    if epilogue in ("bias", "bias_gelu"):
+        bias = te.placeholder((n,), "float32", name="bias")
+        args.append(bias)
+        gemm = out
+        out = te.compute((m, n), lambda i, j: gemm[i, j] + bias[j], name="bias_add")
+        epilogue_blocks.append("bias_add")
+    if epilogue == "bias_gelu":
+        pre = out
+        out = te.compute((m, n), lambda i, j: gelu_expr(pre[i, j]), name="gelu")
+        epilogue_blocks.append("gelu")
+    func = te.create_prim_func([*args, out])
+    sch = s_tir.Schedule(func)
+    _schedule(sch, tiling, epilogue_blocks)
+    # Opaque: FuseOps must not merge this scheduled kernel with its neighbours
+    # (FuseTIR would rebuild it without the schedule).
+    return sch.mod["main"].with_attrs({"op_pattern": 8, "tirx.is_scheduled": True})
+
+
+def _schedule(sch: object, tiling: DenseTiling, epilogue_blocks: list[str]) -> None:
+    gemm = sch.get_sblock("gemm")
+    i, j, r = sch.get_loops(gemm)
+    j_tile, j_lane = sch.split(j, [None, tiling.nb])
+    i_tile, i_row = sch.split(i, [None, tiling.mr])
+    sch.reorder(j_tile, i_tile, r, i_row, j_lane)
+    tile = sch.fuse(j_tile, i_tile)
+    sch.parallel(tile)
+    sch.vectorize(j_lane)
+    sch.unroll(i_row)
+    acc = sch.cache_write(gemm, 0, "local")
+    sch.reverse_compute_at(acc, tile)
+    for name in epilogue_blocks:
+        sch.reverse_compute_inline(sch.get_sblock(name))
+    sch.vectorize(sch.get_loops(acc)[-1])
+    init = sch.decompose_reduction(gemm, r)
+    sch.vectorize(sch.get_loops(init)[-1])

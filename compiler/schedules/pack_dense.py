@@ -1,0 +1,117 @@
+"""Relax pass: dense layers with constant weights -> pre-packed GEMM kernels.
+
+Rewrites ``matmul(x, W)`` with ``W`` a constant ``[K, N]`` -- with the bias
+add and, when present, the GELU that follow it -- into one ``call_tir`` of a
+scheduled kernel from :mod:`canao.compiler.schedules.dense`, with ``W``
+packed into panels at build time. One kernel is generated per distinct
+(shape, epilogue) and shared by every layer that has it.
+
+Where it runs: after ``FoldConstant`` (which turns the importer's
+``permute_dims(weight)`` into a constant ``W``) and before ``LegalizeOps``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from canao.compiler.schedules.dense import DenseTiling, dense_primfunc, pack_weight
+
+
+def _static_shape(expr: Any) -> tuple[int, ...] | None:
+    from tvm import relax
+
+    sinfo = expr.ty  # TVM 0.27's name for struct_info
+    if not isinstance(sinfo, relax.TensorType) or sinfo.shape is None:
+        return None
+    try:
+        return tuple(int(dim) for dim in sinfo.shape.values)
+    except (TypeError, AttributeError):
+        return None  # symbolic dimension
+
+
+def _patterns() -> dict[str, Any]:
+    from tvm.relax.dpl import is_const, is_op, wildcard
+
+    x, w, b = wildcard(), is_const(), is_const()
+    mm = is_op("relax.matmul")(x, w)
+    biased = is_op("relax.add")(b, mm) | is_op("relax.add")(mm, b)
+    reshaped = is_op("relax.reshape")(biased, wildcard())
+    gelu = is_op("relax.nn.gelu")(reshaped) | is_op("relax.nn.gelu")(biased)
+    return {"x": x, "w": w, "b": b, "mm": mm, "biased": biased, "gelu": gelu}
+
+
+class _Rewriter:
+    def __init__(self, tiling: DenseTiling, builder: Any) -> None:
+        self.tiling = tiling
+        self.builder = builder  # relax.BlockBuilder over the module: gives typed GlobalVars
+        self.kernels: dict[tuple[int, int, int, str], Any] = {}  # -> GlobalVar
+        self.p = _patterns()
+
+    def kernel(self, m: int, k: int, n: int, epilogue: str) -> Any:
+        key = (m, k, n, epilogue)
+        if key not in self.kernels:
+            func = dense_primfunc(m, k, n, epilogue, self.tiling)
+            self.kernels[key] = self.builder.add_func(func, f"canao_dense_{epilogue}_{m}x{k}x{n}")
+        return self.kernels[key]
+
+    def rewrite(self, expr: Any, matches: dict[Any, Any], epilogue: str) -> Any:
+        from tvm import relax
+
+        x, w = matches[self.p["x"]], matches[self.p["w"]]
+        x_shape, w_shape = _static_shape(x), _static_shape(w)
+        out_shape = _static_shape(expr)
+        if (
+            x_shape is None
+            or w_shape is None
+            or out_shape is None
+            or len(w_shape) != 2
+            or x.ty.dtype != "float32"
+            or w.ty.dtype != "float32"
+            or not self.tiling.packs(w_shape[1])
+        ):
+            return expr  # not a shape this kernel handles: leave it to the generic path
+        k, n = w_shape
+        m = int(np.prod(x_shape[:-1]))
+        args = [relax.op.reshape(x, (m, k)) if len(x_shape) != 2 else x]
+        args.append(relax.const(pack_weight(w.value.numpy(), self.tiling.nb)))
+        if epilogue != "none":
+            bias = matches[self.p["b"]].value.numpy()
+            if bias.size != n:
+                return expr
+            args.append(relax.const(bias.reshape(n).astype(np.float32)))
+        call = relax.call_tir(
+            self.kernel(m, k, n, epilogue), args, relax.TensorType((m, n), "float32")
+        )
+        return call if out_shape == (m, n) else relax.op.reshape(call, out_shape)
+
+
+def pack_dense_weights(tiling: DenseTiling) -> Any:
+    """The pass (a ``tvm.transform.Pass``) for one register tiling."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.dpl import rewrite_call
+
+    @tvm.transform.module_pass(opt_level=0, name="canao.PackDenseWeights")
+    def transform(mod: Any, _ctx: Any) -> Any:
+        builder = relax.BlockBuilder(mod)
+        rewriter = _Rewriter(tiling, builder)
+        # Longest pattern first, so a GELU layer becomes one kernel, not dense + GELU.
+        order = (("gelu", "bias_gelu"), ("biased", "bias"), ("mm", "none"))
+        updated = {}
+        for gvar, func in list(mod.functions.items()):
+            if not isinstance(func, relax.Function):
+                continue
+            for pattern_name, epilogue in order:
+                func = rewrite_call(
+                    rewriter.p[pattern_name],
+                    lambda expr, matches, ep=epilogue: rewriter.rewrite(expr, matches, ep),
+                    func,
+                )
+            updated[gvar] = func
+        for gvar, func in updated.items():
+            builder.update_func(gvar, func)
+        return builder.get()
+
+    return transform
