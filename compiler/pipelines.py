@@ -52,6 +52,7 @@ def _canao_fast(target: object) -> object:
     from canao.compiler.schedules.dense import choose_tiling
     from canao.compiler.schedules.pack_dense import pack_dense_weights
     from canao.compiler.schedules.rules import default_rules
+    from canao.compiler.schedules.vector_math import vectorised_softmax
 
     if "gpu" in target.keys:  # type: ignore[attr-defined]
         return relax.get_default_pipeline(target)  # GPU schedules: issue 8
@@ -59,6 +60,7 @@ def _canao_fast(target: object) -> object:
         [
             relax.transform.FoldConstant(),  # weight transposes -> constant W[K, N]
             pack_dense_weights(choose_tiling(target)),
+            vectorised_softmax(),  # libm's scalar expf would dominate attention
             relax.transform.LegalizeOps(),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),

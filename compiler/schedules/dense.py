@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from canao.compiler.schedules.vector_math import gelu_expr
+
 EPILOGUES = ("none", "bias", "bias_gelu")
 
 
@@ -63,56 +65,6 @@ def pack_weight(weight: np.ndarray, nb: int) -> np.ndarray:
     if n % nb:
         raise ValueError(f"N={n} is not a multiple of the panel width {nb}")
     return np.ascontiguousarray(weight.reshape(k, n // nb, nb).transpose(1, 0, 2))
-
-
-# Eigen's float erf rational approximation (also TVM's topi.fast_erf), as a scalar
-# expression so it can sit in a kernel's epilogue. Max abs error vs erf: ~1e-7.
-_ERF_ALPHA = (
-    -2.72614225801306e-10,
-    2.77068142495902e-08,
-    -2.10102402082508e-06,
-    -5.69250639462346e-05,
-    -7.34990630326855e-04,
-    -2.95459980854025e-03,
-    -1.60960333262415e-02,
-)  # odd numerator, highest power first
-_ERF_BETA = (
-    -1.45660718464996e-05,
-    -2.13374055278905e-04,
-    -1.68282697438203e-03,
-    -7.37332916720468e-03,
-    -1.42647390514189e-02,
-)  # even denominator, highest power first
-
-
-def erf_expr(x: object) -> object:
-    """Vectorisable erf(x) for float32 (libm's erff would be a scalar call per element)."""
-    from tvm import te
-
-    def const(value: float) -> object:
-        return te.const(value, "float32")
-
-    x = te.max(te.min(x, const(4.0)), const(-4.0))  # erf is +-1 in float32 beyond 4
-    x2 = x * x
-    p = const(_ERF_ALPHA[0])
-    for coefficient in _ERF_ALPHA[1:]:
-        p = p * x2 + const(coefficient)
-    q = const(_ERF_BETA[0])
-    for coefficient in _ERF_BETA[1:]:
-        q = q * x2 + const(coefficient)
-    return x * p / q
-
-
-def gelu_expr(x: object) -> object:
-    """GELU in its exact (erf) form, as PyTorch's nn.GELU() computes it."""
-    from tvm import te
-
-    half = te.const(0.5, "float32")
-    return (
-        half
-        * x
-        * (te.const(1.0, "float32") + erf_expr(x * te.const(0.7071067811865476, "float32")))
-    )
 
 
 def dense_primfunc(m: int, k: int, n: int, epilogue: str, tiling: DenseTiling) -> object:

@@ -1,0 +1,138 @@
+"""exp, erf and GELU as plain arithmetic, so LLVM vectorises them.
+
+TVM lowers ``T.exp`` / ``T.erf`` on x86 to calls of libm's scalar ``expf`` /
+``erff``, one call per element: softmax and GELU then cost more than the
+matrix products around them. These expressions evaluate the same functions
+with float32-level accuracy (bounds below are tested), so they replace the
+library calls by default. They are not the lossy low-degree approximations
+of the fusion work (issue 4), which stay optional.
+
+- :func:`exp_expr`: Cephes ``expf`` (Cody-Waite reduction by ln 2 split in two
+  constants, degree-6 polynomial): relative error <= 2e-7 on [-87, 88].
+- :func:`erf_expr`: Eigen's float rational approximation (also TVM's
+  ``topi.fast_erf``): absolute error <= 3e-7.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_LOG2E = 1.44269504088896341
+_LN2_HI = 0.693359375  # ln 2 split so that n * _LN2_HI is exact in float32
+_LN2_LO = -2.12194440e-4
+_EXP_POLY = (
+    1.9875691500e-4,
+    1.3981999507e-3,
+    8.3334519073e-3,
+    4.1665795894e-2,
+    1.6666665459e-1,
+    5.0000001201e-1,
+)  # highest power first
+_EXP_MAX = 88.3762626647949  # beyond: float32 overflow
+_EXP_MIN = -88.3762626647949  # below: result flushes to 0 (the true value is < 1e-38)
+
+_ERF_ALPHA = (
+    -2.72614225801306e-10,
+    2.77068142495902e-08,
+    -2.10102402082508e-06,
+    -5.69250639462346e-05,
+    -7.34990630326855e-04,
+    -2.95459980854025e-03,
+    -1.60960333262415e-02,
+)  # odd numerator, highest power first
+_ERF_BETA = (
+    -1.45660718464996e-05,
+    -2.13374055278905e-04,
+    -1.68282697438203e-03,
+    -7.37332916720468e-03,
+    -1.42647390514189e-02,
+)  # even denominator, highest power first
+
+
+def _const(value: float) -> Any:
+    from tvm import te
+
+    return te.const(value, "float32")
+
+
+def _horner(coefficients: tuple[float, ...], x: Any) -> Any:
+    result = _const(coefficients[0])
+    for coefficient in coefficients[1:]:
+        result = result * x + _const(coefficient)
+    return result
+
+
+def exp_expr(x: Any) -> Any:
+    """exp(x) for float32 as vectorisable arithmetic (Cephes expf)."""
+    from tvm import te, tirx
+
+    x = te.max(te.min(x, _const(_EXP_MAX)), _const(_EXP_MIN))
+    n = te.floor(x * _const(_LOG2E) + _const(0.5))
+    r = x - n * _const(_LN2_HI) - n * _const(_LN2_LO)
+    y = _horner(_EXP_POLY, r) * r * r + r + _const(1.0)
+    # 2^n built in the exponent field; n = -127 gives +0, the flush-to-zero end.
+    two_n = tirx.reinterpret("float32", (n.astype("int32") + 127) << 23)
+    return y * two_n
+
+
+def erf_expr(x: Any) -> Any:
+    """erf(x) for float32 as vectorisable arithmetic (Eigen's rational approximation)."""
+    from tvm import te
+
+    x = te.max(te.min(x, _const(4.0)), _const(-4.0))  # erf is +-1 in float32 beyond 4
+    x2 = x * x
+    return x * _horner(_ERF_ALPHA, x2) / _horner(_ERF_BETA, x2)
+
+
+def gelu_expr(x: Any) -> Any:
+    """GELU in its exact (erf) form, as PyTorch's ``nn.GELU()`` computes it."""
+    return _const(0.5) * x * (_const(1.0) + erf_expr(x * _const(0.7071067811865476)))
+
+
+def softmax_te(data: Any, axis: int) -> Any:
+    """Numerically stable softmax over ``axis`` with :func:`exp_expr` (a TE tensor)."""
+    from tvm import te, topi
+
+    axis = axis % len(data.shape)
+    row_max = topi.max(data, axis=axis, keepdims=True)
+
+    def shifted_exp(*idx: Any) -> Any:
+        row = [0 if d == axis else i for d, i in enumerate(idx)]
+        return exp_expr(data(*idx) - row_max(*row))
+
+    exps = te.compute(data.shape, shifted_exp, name="softmax_exp")
+    total = topi.sum(exps, axis=axis, keepdims=True)
+
+    def normalise(*idx: Any) -> Any:
+        row = [0 if d == axis else i for d, i in enumerate(idx)]
+        return exps(*idx) / total(*row)
+
+    return te.compute(data.shape, normalise, name="softmax_norm")
+
+
+def vectorised_softmax() -> Any:
+    """Relax pass: ``R.nn.softmax`` -> :func:`softmax_te` (run before LegalizeOps)."""
+    import tvm
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class _Mutator(relax.PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.softmax":
+                dtype = call.args[0].ty.dtype
+                if dtype == "float32":
+                    return self.builder_.call_te(
+                        softmax_te, call.args[0], int(call.attrs.axis), primfunc_name_hint="softmax"
+                    )
+            return call
+
+    @tvm.transform.module_pass(opt_level=0, name="canao.VectorisedSoftmax")
+    def transform(mod: Any, _ctx: Any) -> Any:
+        mutator = _Mutator(mod)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                mutator.builder_.update_func(gvar, mutator.visit_expr(func))
+        return mutator.builder_.get()
+
+    return transform
