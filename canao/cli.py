@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from canao.compiler.pipelines import DEFAULT_PIPELINE
 from canao.errors import CanaoError
 
 EPILOG = (
@@ -69,14 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
         "compile", help="compile MODEL with TVM, check it against PyTorch, export library+manifest"
     )
     _add_model_args(comp)
-    comp.add_argument("--pipeline", default="default", help="build pipeline (see `canao list`)")
+    comp.add_argument(
+        "--pipeline", default=DEFAULT_PIPELINE, help="build pipeline (default: fast; `canao list`)"
+    )
     comp.add_argument("-o", "--output", required=True, type=Path, help="artifact folder")
     comp.set_defaults(run=_cmd_compile)
 
     bench = commands.add_parser("bench", help="compile MODEL and measure its latency")
     _add_model_args(bench)
     bench.add_argument(
-        "--pipeline", default="default", help="pipeline(s), comma-separated (default: default)"
+        "--pipeline",
+        default=DEFAULT_PIPELINE,
+        help="pipeline(s), comma-separated, e.g. fast,default-fused (default: fast)",
     )
     bench.add_argument("--threads", type=_int_list, help="thread counts, e.g. 1,2 (default: all)")
     bench.add_argument("--repeats", type=int, default=20, help="timed repeats (default 20)")

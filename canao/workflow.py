@@ -15,6 +15,7 @@ import pandas as pd
 from canao.compiler.build import CompiledModel, compile_model, export_artifact, export_library
 from canao.compiler.importer import INPUT_NAMES, InputSpec, example_inputs
 from canao.compiler.models import load_model
+from canao.compiler.pipelines import DEFAULT_PIPELINE
 from canao.compiler.verify import Tolerance, compare, verify, verify_locally
 from canao.latency.cache import LatencyCache
 from canao.latency.measure import Workload, measure
@@ -52,7 +53,7 @@ def can_run_locally(compiled: CompiledModel) -> bool:
 def compile_and_verify(
     model: str,
     target: str = "x86",
-    pipeline: str = "default",
+    pipeline: str = DEFAULT_PIPELINE,
     batch: int = 1,
     seq: int | None = 128,
     head: str = "base",

@@ -8,6 +8,9 @@ the lowered module lets canao count kernels and feed the latency predictor.
   (on CPU: legalize and lower, no operator fusion, no schedules).
 - ``default-fused``: TVM's per-target default pipeline (``relax.get_default_pipeline``):
   on CPU adds FuseOps/FuseTIR; on GPU adds DLight schedules.
+- ``fast`` (canao's default): pre-packed register-blocked dense kernels with
+  fused bias/GELU, vectorised softmax, dlight-style rules for everything else
+  (:mod:`canao.compiler.schedules`); on GPU, TVM's default GPU pipeline for now.
 
 Later pipelines (schedules, polynomial fusion) register here with
 :func:`register_pipeline`.
@@ -73,6 +76,9 @@ def _canao_fast(target: object) -> object:
         name="canao.fast",
     )
 
+
+# What the CLI, the benchmarks and the search use unless told otherwise.
+DEFAULT_PIPELINE = "fast"
 
 PIPELINES: dict[str, PipelineFactory] = {
     "default": _tvm_default,

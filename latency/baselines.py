@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import importlib
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -35,7 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -242,7 +243,7 @@ class LiteRTRunner(BaselineRunner):
         return lambda: signature(**feed)[output]
 
 
-def _delegate_nodes(interpreter: object) -> int:
+def _delegate_nodes(interpreter: Any) -> int:
     """Delegate kernels in the graph; LiteRT's only default delegate on CPU is XNNPACK."""
     ops = interpreter._get_ops_details()
     return sum(1 for op in ops if op["op_name"] == "DELEGATE")
@@ -284,8 +285,7 @@ def onnx_model(model: LoadedModel, batch: int, seq: int, cache: Path | None = No
         return path
     folder.mkdir(parents=True, exist_ok=True)
     program = export_program(model, batch, seq)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with tempfile.TemporaryDirectory(dir=folder) as tmp, _quiet_onnx_exporter():
         onnx_program = torch.onnx.export(
             program,
             input_names=list(INPUT_NAMES),
@@ -297,6 +297,20 @@ def onnx_model(model: LoadedModel, batch: int, seq: int, cache: Path | None = No
         onnx_program.save(str(staged))  # weights inline: MiniLM to BERT-large are < 2 GB
         os.replace(staged, path)
     return path
+
+
+@contextlib.contextmanager
+def _quiet_onnx_exporter() -> Iterator[None]:
+    """Hide the exporter's warnings (e.g. "torchvision is not installed"): noise, not news."""
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry.level
+    registry.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        registry.setLevel(level)
 
 
 def litert_model(
@@ -746,7 +760,7 @@ def _draw_bars(ax: Axes, group: pd.DataFrame, title: str) -> None:
         )
         labels = [f"{s:.2f}x" if np.isfinite(s) else "" for s in rows[SPEEDUP_COLUMN]]
         ax.bar_label(bars, labels=labels, fontsize=7, padding=2)
-    ax.set_xticks(np.arange(len(counts)), [f"{c} thread{'s' * (c != 1)}" for c in counts])
+    ax.set_xticks(np.arange(len(counts)), [f"{c} thread{'' if c == 1 else 's'}" for c in counts])
     ax.set_ylabel("median latency (ms)")
     ax.set_title(f"{title}; labels: speed-up vs {REFERENCE_SYSTEM}", fontsize=9)
     ax.legend(fontsize=8)

@@ -31,7 +31,7 @@ def elf_machine(path: Path) -> int:
 
 
 def test_cross_compile_produces_an_aarch64_library(tmp_path: Path, tiny_config: Path) -> None:
-    compiled = compile_model(load_model(tiny_config), "arm64", "default-fused", InputSpec(1, 16))
+    compiled = compile_model(load_model(tiny_config), "arm64", "fast", InputSpec(1, 16))
     folder = export_artifact(compiled, tmp_path / "arm")
     assert elf_machine(folder / "model.so") == EM_AARCH64
     manifest = (folder / "manifest.json").read_text()
@@ -52,7 +52,7 @@ def test_runs_on_emulated_arm_board_with_matching_outputs(tmp_path: Path) -> Non
         address = RPCAddress(board.host, board.port)
         # The whole canao path: compile for arm64, upload, run on aarch64, compare.
         compiled = workflow.compile_and_verify(
-            str(config), "arm64", "default-fused", seq=8, rpc=address, rpc_timeout_s=120
+            str(config), "arm64", "fast", seq=8, rpc=address, rpc_timeout_s=120
         )
         assert compiled.numerics is not None
         assert compiled.numerics["device"] == address.label
@@ -64,7 +64,7 @@ def test_runs_on_emulated_arm_board_with_matching_outputs(tmp_path: Path) -> Non
             "tiny",
             compiled.model.fingerprint,
             "arm64",
-            "default-fused",
+            "fast",
             InputSpec(1, 8).shapes(),
             INPUT_NAMES,
         )

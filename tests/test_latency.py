@@ -136,3 +136,19 @@ def test_broken_library_is_a_clear_error(tmp_path: Path) -> None:
     workload = Workload(bogus, "m", "h", "x86", "default", "s", INPUT_NAMES)
     with pytest.raises(MeasurementError, match=r"running broken.so locally failed"):
         measure(workload, example_inputs(10, 1, 4), protocol=Protocol(warmup=0, repeats=1))
+
+
+def test_kernel_profile_accounts_for_every_launch(tiny_workload) -> None:
+    from canao.compiler.build import compile_model as build
+    from canao.latency.profile import profile_kernels
+    from canao.latency.runner import local_runner
+
+    workload, model = tiny_workload
+    compiled = build(model, "x86", "fast", InputSpec(1, 16))
+    frame = profile_kernels(
+        local_runner(compiled.executable), example_inputs(1000, 1, 16), INPUT_NAMES, runs=3
+    )
+    kernels = frame[~frame.kernel.str.startswith("vm.builtin")]
+    assert kernels.calls.sum() == compiled.kernels.kernel_launches
+    assert (frame.ms > 0).all() and frame.share.sum() == pytest.approx(1.0)
+    assert kernels.kernel.str.startswith("canao_dense").any()

@@ -97,7 +97,9 @@ def dense_primfunc(m: int, k: int, n: int, epilogue: str, tiling: DenseTiling) -
     _schedule(sch, tiling, epilogue_blocks)
     # Opaque: FuseOps must not merge this scheduled kernel with its neighbours
     # (FuseTIR would rebuild it without the schedule).
-    return sch.mod["main"].with_attrs({"op_pattern": 8, "tirx.is_scheduled": True})
+    return sch.mod["main"].with_attrs(
+        {"op_pattern": 8, "tirx.is_scheduled": True, "canao.flops": 2 * m * k * n}
+    )
 
 
 def _schedule(sch: object, tiling: DenseTiling, epilogue_blocks: list[str]) -> None:
