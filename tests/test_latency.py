@@ -143,7 +143,7 @@ def test_kernel_profile_accounts_for_every_launch(tiny_workload) -> None:
     from canao.latency.profile import profile_kernels
     from canao.latency.runner import local_runner
 
-    workload, model = tiny_workload
+    _, model = tiny_workload
     compiled = build(model, "x86", "fast", InputSpec(1, 16))
     frame = profile_kernels(
         local_runner(compiled.executable), example_inputs(1000, 1, 16), INPUT_NAMES, runs=3
