@@ -565,25 +565,35 @@ def check_numerics(
 # --------------------------------------------------------------------------- timing
 
 
-def time_interleaved(
-    calls: dict[str, Callable[[], object]], protocol: Protocol
-) -> dict[str, list[float]]:
-    """Per-repeat seconds of each callable, repeats taken round-robin across them.
+DEFAULT_ROUNDS = 4
 
-    The machine is shared and noisy; interleaving spreads a burst of outside
-    load over all systems instead of landing on whichever ran during it. The
-    starting system rotates each round so none always runs first.
+
+def time_interleaved(
+    calls: dict[str, Callable[[], object]], protocol: Protocol, rounds: int = DEFAULT_ROUNDS
+) -> dict[str, list[float]]:
+    """Per-repeat seconds of each callable: ``protocol.repeats`` each, in interleaved blocks.
+
+    The machine is shared and noisy, so the repeats are split into ``rounds``
+    blocks and the systems take turns block by block (starting system rotating):
+    a burst of outside load is spread over all systems instead of landing on
+    whichever ran during it. Blocks, not single repeats: ONNX Runtime, OpenMP
+    and XNNPACK worker threads spin after a call, and when every repeat
+    switched runtime they held the cores the next runtime needed (MiniLM at 2
+    threads: LiteRT 28 ms round-robin, 17 ms back to back; equal at 1 thread).
+    Each block starts with ``protocol.warmup`` untimed calls, which outlast the
+    previous runtime's spinning. ``rounds=1`` is plain back to back.
     """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     names = list(calls)
-    for name in names:
-        for _ in range(protocol.warmup):
-            calls[name]()
-    single = Protocol(warmup=0, repeats=1, number=protocol.number)
+    rounds = min(rounds, protocol.repeats)
+    sizes = [len(block) for block in np.array_split(np.arange(protocol.repeats), rounds)]
     seconds: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(protocol.repeats):
+    for round_, size in enumerate(sizes):
         shift = round_ % len(names)
+        block = Protocol(warmup=protocol.warmup, repeats=size, number=protocol.number)
         for name in names[shift:] + names[:shift]:
-            seconds[name].extend(time_callable(calls[name], single))
+            seconds[name].extend(time_callable(calls[name], block))
     return seconds
 
 
@@ -649,12 +659,13 @@ def _measure_threads(
     spec: InputSpec,
     protocol: Protocol,
     tolerance: Tolerance | None,
+    rounds: int,
 ) -> list[dict[str, object]]:
     """Check then time every runner at one thread count; one row each."""
     numerics = {
         name: check_numerics(r, inputs, reference, tolerance) for name, r in runners.items()
     }
-    seconds = time_interleaved({name: r.bind(inputs) for name, r in runners.items()}, protocol)
+    seconds = time_interleaved({n: r.bind(inputs) for n, r in runners.items()}, protocol, rounds)
     rows = []
     for name, runner in runners.items():
         measurement = make_measurement(
@@ -687,6 +698,7 @@ def compare(
     protocol: Protocol | None = None,
     systems: Sequence[str] | None = None,
     tolerance: Tolerance | None = None,
+    rounds: int = DEFAULT_ROUNDS,
 ) -> pd.DataFrame:
     """Every baseline at every thread count: one row per (system, threads), with speed-ups.
 
@@ -711,7 +723,9 @@ def compare(
             runners = {
                 s: make_runner(s, loaded, batch=batch, seq=seq, threads=count) for s in chosen
             }
-            rows += _measure_threads(runners, loaded, inputs, reference, spec, protocol, tolerance)
+            rows += _measure_threads(
+                runners, loaded, inputs, reference, spec, protocol, tolerance, rounds
+            )
             del runners  # free sessions/interpreters (and their thread pools) before the next
     finally:
         torch.set_num_threads(previous_threads)
@@ -733,7 +747,7 @@ def write_outputs(df: pd.DataFrame, out_dir: Path, stem: str = "baselines") -> l
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = df if SPEEDUP_COLUMN in df else add_speedups(df)
+    table = add_speedups(df)  # recomputed: rows may have been added since
     csv_path = out_dir / f"{stem}.csv"
     table.to_csv(csv_path, index=False)
     groups = list(table.groupby(["model", "shapes"], sort=False))
@@ -741,7 +755,7 @@ def write_outputs(df: pd.DataFrame, out_dir: Path, stem: str = "baselines") -> l
     FigureCanvasAgg(figure)
     axes = figure.subplots(max(1, len(groups)), 1, squeeze=False)[:, 0]
     for ax, ((model, shapes), group) in zip(axes, groups, strict=False):
-        _draw_bars(ax, group, f"{model}  ({shapes})")
+        _draw_bars(ax, group, f"{model}, {str(shapes).split(',')[0]}")
     png_path = out_dir / f"{stem}.png"
     figure.savefig(png_path, dpi=120)
     return [csv_path, png_path]

@@ -41,13 +41,14 @@ class DeviceRunner:
     def time(
         self, inputs: dict[str, np.ndarray], names: tuple[str, ...], protocol: Protocol
     ) -> list[float]:
-        """Per-repeat seconds, timed on the device itself (no RPC round trip inside)."""
+        """Per-repeat seconds, timed on the device itself (no RPC round trip inside).
+
+        ``protocol.warmup`` untimed calls, then ``time_evaluator`` (which adds one
+        more untimed call of its own) for ``protocol.repeats`` timed repeats.
+        """
         self.vm.set_input(ENTRY, *self._tensors(inputs, names))
-        if protocol.warmup:
-            warm = self.vm.time_evaluator(
-                "invoke_stateful", self.device, number=1, repeat=protocol.warmup
-            )
-            warm(ENTRY)
+        for _ in range(protocol.warmup):
+            self.vm.invoke_stateful(ENTRY)
         timer = self.vm.time_evaluator(
             "invoke_stateful", self.device, number=protocol.number, repeat=protocol.repeats
         )
