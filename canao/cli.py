@@ -92,6 +92,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--csv", type=Path, help="also write the table as CSV")
     bench.set_defaults(run=_cmd_bench)
 
+    cmp_ = commands.add_parser(
+        "compare",
+        help="canao's build vs LiteRT (fp32, int8), ONNX Runtime and torch, measured alike",
+    )
+    cmp_.add_argument("model", nargs="?", default="minilm", metavar="MODEL", help=EPILOG)
+    cmp_.add_argument("--threads", type=_int_list, default=[1], help="e.g. 1,2 (default 1)")
+    cmp_.add_argument("--seq", type=int, default=128, help="sequence length (default 128)")
+    cmp_.add_argument("--batch", type=int, default=1)
+    cmp_.add_argument("--pipeline", default=DEFAULT_PIPELINE, help="canao pipeline(s), e.g. fast")
+    cmp_.add_argument(
+        "--systems",
+        default="torch-eager,onnxruntime,litert-fp32,litert-int8",
+        help="baselines to run (comma-separated)",
+    )
+    cmp_.add_argument("--repeats", type=int, default=20)
+    cmp_.add_argument("--warmup", type=int, default=3)
+    cmp_.add_argument(
+        "-o", "--output", type=Path, default=Path("compare"), help="folder for CSV + PNG"
+    )
+    cmp_.set_defaults(run=_cmd_compare)
+
     lst = commands.add_parser("list", help="list targets, pipelines and model presets")
     lst.set_defaults(run=_cmd_list)
     return parser
@@ -167,6 +188,28 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.csv, index=False)
         print(f"wrote {args.csv}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from canao import workflow
+    from canao.latency.baselines import write_outputs
+    from canao.latency.protocol import Protocol
+
+    with tempfile.TemporaryDirectory(prefix="canao-compare-") as tmp:
+        table = workflow.compare_with_baselines(
+            args.model,
+            args.threads,
+            args.seq,
+            args.batch,
+            pipelines=[p for p in args.pipeline.split(",") if p],
+            systems=[s for s in args.systems.split(",") if s],
+            protocol=Protocol(warmup=args.warmup, repeats=args.repeats),
+            workdir=Path(tmp),
+        )
+    print(workflow.format_comparison(table))
+    for path in write_outputs(table, args.output, stem="compare"):
+        print(f"wrote {path}")
     return 0
 
 

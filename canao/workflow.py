@@ -181,3 +181,69 @@ def format_table(table: pd.DataFrame) -> str:
         lambda v: "cached" if v != v else f"{v:.1e}"  # NaN: served from cache, not re-run
     )
     return shown.drop(columns=["cached"]).to_string(index=False)
+
+
+def compare_with_baselines(
+    model: str,
+    threads: list[int],
+    seq: int = 128,
+    batch: int = 1,
+    *,
+    pipelines: list[str] | None = None,
+    systems: list[str] | None = None,
+    protocol: Protocol | None = None,
+    workdir: Path,
+) -> pd.DataFrame:
+    """canao's x86 builds next to the baseline runtimes, one row per (system, threads).
+
+    Per thread count the baselines are timed first (interleaved among themselves,
+    in this process), then each canao build in its own child process. Every row
+    carries its max abs diff against PyTorch; ``speedup_vs_litert_fp32`` compares
+    rows of the same thread count.
+    """
+    from canao.latency import baselines
+
+    protocol = protocol or Protocol()
+    loaded = load_model(model)
+    spec = InputSpec(batch, seq)
+    inputs = example_inputs(loaded.config.vocab_size, batch, seq)
+    builds = []
+    for pipeline in pipelines or [DEFAULT_PIPELINE]:
+        compiled = compile_model(loaded, "x86", pipeline, spec)
+        library = export_library(compiled, workdir / f"{pipeline}.so")
+        workload = Workload(
+            library, loaded.name, loaded.fingerprint, "x86", pipeline, spec.shapes(), INPUT_NAMES
+        )
+        builds.append((compiled, workload))
+    frames = []
+    for count in threads:
+        frames.append(
+            baselines.compare(loaded, [count], seq, batch, protocol=protocol, systems=systems)
+        )
+        rows = []
+        for compiled, workload in builds:
+            run = measure(workload, inputs, protocol=protocol, threads=count)
+            checked = compare(compiled, run.output, inputs, "local")  # type: ignore[arg-type]
+            rows.append(
+                baselines.row_from_measurement(
+                    run.measurement,
+                    f"canao-{compiled.pipeline}",
+                    max_abs_diff=float(checked["max_abs_diff"]),  # type: ignore[arg-type]
+                    tolerance=float(checked["tolerance"]),  # type: ignore[arg-type]
+                )
+            )
+        frames.append(pd.DataFrame(rows))
+    return baselines.add_speedups(pd.concat(frames, ignore_index=True))
+
+
+def format_comparison(table: pd.DataFrame) -> str:
+    from canao.latency.baselines import SPEEDUP_COLUMN
+
+    shown = table[
+        ["system", "threads", "median_ms", "min_ms", "iqr_ms", SPEEDUP_COLUMN, "max_abs_diff"]
+    ].copy()
+    for column in ("median_ms", "min_ms", "iqr_ms"):
+        shown[column] = shown[column].map(lambda v: f"{v:.2f}")
+    shown[SPEEDUP_COLUMN] = shown[SPEEDUP_COLUMN].map(lambda v: f"{v:.2f}x")
+    shown["max_abs_diff"] = shown["max_abs_diff"].map(lambda v: f"{v:.1e}")
+    return shown.sort_values(["threads", "system"], kind="stable").to_string(index=False)

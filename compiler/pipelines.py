@@ -10,7 +10,10 @@ the lowered module lets canao count kernels and feed the latency predictor.
   on CPU adds FuseOps/FuseTIR; on GPU adds DLight schedules.
 - ``fast`` (canao's default): pre-packed register-blocked dense kernels with
   fused bias/GELU, vectorised softmax, dlight-style rules for everything else
-  (:mod:`canao.compiler.schedules`); on GPU, TVM's default GPU pipeline for now.
+  (:mod:`canao.compiler.schedules`) and canao's fusion passes (:mod:`canao.fusion`);
+  on GPU, TVM's default GPU pipeline for now.
+- ``fast-tvm-fusion``: the same schedules with TVM's own fusion only (FuseOps):
+  the baseline canao's fusion is measured against.
 
 Later pipelines (schedules, polynomial fusion) register here with
 :func:`register_pipeline`.
@@ -42,8 +45,8 @@ def _tvm_default_fused(target: object) -> object:
     return relax.get_default_pipeline(target)
 
 
-def _canao_fast(target: object) -> object:
-    """canao's CPU pipeline: pre-packed dense kernels + dlight-style rules for the rest.
+def _cpu_pipeline(target: object, canao_fusion: bool) -> object:
+    """canao's CPU schedules, with or without canao's fusion passes (:mod:`canao.fusion`).
 
     Analytic schedules, no tuning: a new architecture builds in seconds.
     """
@@ -55,15 +58,23 @@ def _canao_fast(target: object) -> object:
     from canao.compiler.schedules.dense import choose_tiling
     from canao.compiler.schedules.pack_dense import pack_dense_weights
     from canao.compiler.schedules.rules import default_rules
-    from canao.compiler.schedules.vector_math import vectorised_softmax
+    from canao.compiler.schedules.vector_math import vectorised_math
+    from canao.fusion.algebraic import fold_scale_into_dense, simplify_elementwise
+    from canao.fusion.residual_layernorm import fuse_residual_layer_norm
 
-    if "gpu" in target.keys:  # type: ignore[attr-defined]
-        return relax.get_default_pipeline(target)  # GPU schedules: issue 8
+    fusion = [
+        simplify_elementwise(),
+        fold_scale_into_dense(),  # attention scale -> query/key weights
+        simplify_elementwise(),
+        relax.transform.DeadCodeElimination(),
+    ]
     return tvm.transform.Sequential(
         [
             relax.transform.FoldConstant(),  # weight transposes -> constant W[K, N]
-            pack_dense_weights(choose_tiling(target)),
-            vectorised_softmax(),  # libm's scalar expf would dominate attention
+            *(fusion if canao_fusion else []),
+            pack_dense_weights(choose_tiling(target), fuse_epilogues=canao_fusion),
+            vectorised_math(),  # libm's scalar expf/erff would dominate softmax and GELU
+            *([fuse_residual_layer_norm()] if canao_fusion else []),
             relax.transform.LegalizeOps(),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
@@ -73,8 +84,24 @@ def _canao_fast(target: object) -> object:
             *dataflow_lower_passes(target),
             *finalize_passes(target),
         ],
-        name="canao.fast",
+        name="canao.fast" if canao_fusion else "canao.fast-tvm-fusion",
     )
+
+
+def _canao_fast(target: object) -> object:
+    from tvm import relax
+
+    if "gpu" in target.keys:  # type: ignore[attr-defined]
+        return relax.get_default_pipeline(target)  # GPU schedules: issue 8
+    return _cpu_pipeline(target, canao_fusion=True)
+
+
+def _canao_fast_tvm_fusion(target: object) -> object:
+    from tvm import relax
+
+    if "gpu" in target.keys:  # type: ignore[attr-defined]
+        return relax.get_default_pipeline(target)
+    return _cpu_pipeline(target, canao_fusion=False)
 
 
 # What the CLI, the benchmarks and the search use unless told otherwise.
@@ -84,6 +111,7 @@ PIPELINES: dict[str, PipelineFactory] = {
     "default": _tvm_default,
     "default-fused": _tvm_default_fused,
     "fast": _canao_fast,
+    "fast-tvm-fusion": _canao_fast_tvm_fusion,
 }
 
 

@@ -103,3 +103,29 @@ def test_arm64_without_device_is_not_silently_verified(
     )
     assert "numerics: not run: no arm64 device here; pass --rpc" in capsys.readouterr().out
     assert json.loads((out / "manifest.json").read_text())["numerics"]["checked"] is False
+
+
+@pytest.mark.slow
+def test_compare_prints_table_csv_and_png(tmp_path: Path, tiny_config: Path, capsys) -> None:
+    pytest.importorskip("onnxruntime", reason="the baselines extra is not installed")
+    out = tmp_path / "cmp"
+    argv = [
+        "compare",
+        str(tiny_config),
+        "--seq",
+        "16",
+        "--threads",
+        "1",
+        "--repeats",
+        "3",
+        "--warmup",
+        "1",
+        "--systems",
+        "torch-eager,onnxruntime",
+        "-o",
+        str(out),
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "canao-fast" in printed and "onnxruntime" in printed and "torch-eager" in printed
+    assert (out / "compare.csv").is_file() and (out / "compare.png").stat().st_size > 1000

@@ -110,8 +110,22 @@ def softmax_te(data: Any, axis: int) -> Any:
     return te.compute(data.shape, normalise, name="softmax_norm")
 
 
-def vectorised_softmax() -> Any:
-    """Relax pass: ``R.nn.softmax`` -> :func:`softmax_te` (run before LegalizeOps)."""
+def gelu_te(data: Any) -> Any:
+    """Element-wise GELU with :func:`erf_expr` (a TE tensor)."""
+    from tvm import te
+
+    return te.compute(data.shape, lambda *i: gelu_expr(data(*i)), name="gelu")
+
+
+_REPLACED = ("relax.nn.softmax", "relax.nn.gelu")
+
+
+def vectorised_math() -> Any:
+    """Relax pass: ``R.nn.softmax`` -> :func:`softmax_te`, ``R.nn.gelu`` -> :func:`gelu_te`.
+
+    Runs before LegalizeOps, after any pass that wants to see the original ops
+    (a GELU already fused into a dense kernel's epilogue is not here any more).
+    """
     import tvm
     from tvm import relax
 
@@ -119,15 +133,19 @@ def vectorised_softmax() -> Any:
     class _Mutator(relax.PyExprMutator):
         def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
-            if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.softmax":
-                dtype = call.args[0].ty.dtype
-                if dtype == "float32":
-                    return self.builder_.call_te(
-                        softmax_te, call.args[0], int(call.attrs.axis), primfunc_name_hint="softmax"
-                    )
+            if not isinstance(call.op, tvm.ir.Op) or call.op.name not in _REPLACED:
+                return call
+            if getattr(call.args[0].ty, "dtype", None) != "float32":
+                return call
+            if call.op.name == "relax.nn.softmax":
+                return self.builder_.call_te(
+                    softmax_te, call.args[0], int(call.attrs.axis), primfunc_name_hint="softmax"
+                )
+            if call.op.name == "relax.nn.gelu":
+                return self.builder_.call_te(gelu_te, call.args[0], primfunc_name_hint="gelu")
             return call
 
-    @tvm.transform.module_pass(opt_level=0, name="canao.VectorisedSoftmax")
+    @tvm.transform.module_pass(opt_level=0, name="canao.VectorisedMath")
     def transform(mod: Any, _ctx: Any) -> Any:
         mutator = _Mutator(mod)
         for gvar, func in mod.functions_items():
