@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     bench.add_argument("--refresh", action="store_true", help="measure even if cached")
     bench.add_argument("--csv", type=Path, help="also write the table as CSV")
+    bench.add_argument(
+        "--fusion-report",
+        action="store_true",
+        help="print the dataflow graph's size after each fusion pass (fast pipelines)",
+    )
     bench.set_defaults(run=_cmd_bench)
 
     cmp_ = commands.add_parser(
@@ -184,6 +189,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             rpc_timeout_s=args.rpc_timeout,
         )
     print(workflow.format_table(table))
+    if args.fusion_report:
+        for pipeline in pipelines:
+            print(f"\nfusion report: {args.model}, {pipeline}")
+            print(workflow.fusion_report(args.model, args.target, pipeline, args.batch, args.seq))
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.csv, index=False)

@@ -247,3 +247,24 @@ def format_comparison(table: pd.DataFrame) -> str:
     shown[SPEEDUP_COLUMN] = shown[SPEEDUP_COLUMN].map(lambda v: f"{v:.2f}x")
     shown["max_abs_diff"] = shown["max_abs_diff"].map(lambda v: f"{v:.1e}")
     return shown.sort_values(["threads", "system"], kind="stable").to_string(index=False)
+
+
+def fusion_report(
+    model: str, target: str, pipeline: str, batch: int = 1, seq: int | None = 128
+) -> str:
+    """The per-pass graph table of :mod:`canao.fusion.report` for a CPU fast pipeline."""
+    from canao.compiler.importer import import_bert
+    from canao.compiler.targets import get_target
+    from canao.errors import UnknownPipelineError
+    from canao.fusion.report import fusion_report as report
+
+    spec = get_target(target)
+    if pipeline not in ("fast", "fast-tvm-fusion") or spec.device_type != "cpu":
+        raise UnknownPipelineError(
+            f"the fusion report covers the CPU pipelines fast and fast-tvm-fusion, not "
+            f"{pipeline!r} on {target}"
+        )
+    imported = import_bert(load_model(model).module, InputSpec(batch, seq))
+    table = report(imported, spec.tvm_target(), canao_fusion=pipeline == "fast")
+    table["intermediate_MB"] = (table.pop("intermediate_bytes") / 1e6).round(2)
+    return table.to_string(index=False)

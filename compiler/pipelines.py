@@ -45,12 +45,11 @@ def _tvm_default_fused(target: object) -> object:
     return relax.get_default_pipeline(target)
 
 
-def _cpu_pipeline(target: object, canao_fusion: bool) -> object:
-    """canao's CPU schedules, with or without canao's fusion passes (:mod:`canao.fusion`).
+def cpu_stages(target: object, canao_fusion: bool) -> list[tuple[str, object]]:
+    """The named passes of canao's CPU pipelines, in order (the fusion report walks them).
 
     Analytic schedules, no tuning: a new architecture builds in seconds.
     """
-    import tvm
     from tvm import relax
     from tvm.relax.backend.cpu_generic.pipeline import dataflow_lower_passes, finalize_passes
     from tvm.s_tir import dlight
@@ -62,28 +61,53 @@ def _cpu_pipeline(target: object, canao_fusion: bool) -> object:
     from canao.fusion.algebraic import fold_scale_into_dense, simplify_elementwise
     from canao.fusion.residual_layernorm import fuse_residual_layer_norm
 
+    def seq(*passes: object) -> object:
+        import tvm
+
+        return tvm.transform.Sequential(list(passes))
+
     fusion = [
-        simplify_elementwise(),
-        fold_scale_into_dense(),  # attention scale -> query/key weights
-        simplify_elementwise(),
-        relax.transform.DeadCodeElimination(),
+        ("simplify_elementwise", seq(simplify_elementwise())),
+        # attention scale -> query/key weights, then tidy what that exposed
+        (
+            "fold_scale_into_dense",
+            seq(
+                fold_scale_into_dense(),
+                simplify_elementwise(),
+                relax.transform.DeadCodeElimination(),
+            ),
+        ),
     ]
+    tiling = choose_tiling(target)
+    return [
+        ("fold_constants", relax.transform.FoldConstant()),  # weight transposes -> W[K, N]
+        *(fusion if canao_fusion else []),
+        (
+            "pack_dense" + ("_with_epilogues" if canao_fusion else ""),
+            pack_dense_weights(tiling, fuse_epilogues=canao_fusion),
+        ),
+        ("vectorised_math", vectorised_math()),  # libm's scalar expf/erff would dominate
+        *([("fuse_residual_layer_norm", fuse_residual_layer_norm())] if canao_fusion else []),
+        (
+            "tvm_fuse_ops",
+            seq(
+                relax.transform.LegalizeOps(),
+                relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FoldConstant(),
+                relax.transform.FuseOps(),
+                relax.transform.FuseTIR(),
+            ),
+        ),
+        ("schedule", dlight.ApplyDefaultSchedule(*default_rules())),
+        ("lower", seq(*dataflow_lower_passes(target), *finalize_passes(target))),
+    ]
+
+
+def _cpu_pipeline(target: object, canao_fusion: bool) -> object:
+    import tvm
+
     return tvm.transform.Sequential(
-        [
-            relax.transform.FoldConstant(),  # weight transposes -> constant W[K, N]
-            *(fusion if canao_fusion else []),
-            pack_dense_weights(choose_tiling(target), fuse_epilogues=canao_fusion),
-            vectorised_math(),  # libm's scalar expf/erff would dominate softmax and GELU
-            *([fuse_residual_layer_norm()] if canao_fusion else []),
-            relax.transform.LegalizeOps(),
-            relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FoldConstant(),
-            relax.transform.FuseOps(),
-            relax.transform.FuseTIR(),
-            dlight.ApplyDefaultSchedule(*default_rules()),
-            *dataflow_lower_passes(target),
-            *finalize_passes(target),
-        ],
+        [stage for _, stage in cpu_stages(target, canao_fusion)],
         name="canao.fast" if canao_fusion else "canao.fast-tvm-fusion",
     )
 
