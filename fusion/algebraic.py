@@ -83,6 +83,7 @@ def _module_pass(name: str, rules: Any) -> Any:
 
     @tvm.transform.module_pass(opt_level=0, name=name)
     def transform(mod: Any, _ctx: Any) -> Any:
+        mod = mod.clone()  # a pass must not change its input module
         for gvar, func in list(mod.functions.items()):
             if isinstance(func, relax.Function):
                 mod[gvar] = _apply_until_stable(rules(), func)

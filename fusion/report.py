@@ -56,6 +56,9 @@ def dataflow_graph(mod: Any, entry: str = "main") -> nx.DiGraph:
     for block in func.body.blocks:
         for binding in block.bindings:
             value = binding.value
+            if isinstance(value, relax.Var) and value in producer:
+                producer[binding.var] = producer[value]  # an alias, e.g. the output binding
+                continue
             if not isinstance(value, relax.Call):
                 continue
             # Rewrites reuse names (lv, lv1, ...): number the nodes to keep them apart.

@@ -64,10 +64,8 @@ def fuse_residual_layer_norm() -> Any:
             same_shape = _static(lhs) is not None and _static(lhs) == _static(rhs)
             if axes not in ([-1], [rank - 1]) or not same_shape or expr.ty.dtype != "float32":
                 return expr  # broadcasting adds or other axes: leave to the generic path
-            gvar = builder.add_func(
-                _primfunc(lhs, rhs, matches[gamma], matches[beta], float(expr.attrs.epsilon)),
-                "canao_add_layer_norm",
-            )
+            func = _primfunc(lhs, rhs, matches[gamma], matches[beta], float(expr.attrs.epsilon))
+            gvar = builder.add_func(func, str(func.attrs["global_symbol"]))
             return relax.call_tir(
                 gvar,
                 [lhs, rhs, matches[gamma], matches[beta]],
@@ -98,4 +96,7 @@ def _primfunc(lhs: Any, rhs: Any, gamma: Any, beta: Any, epsilon: float) -> Any:
     args = [
         placeholder(e, n) for e, n in ((lhs, "a"), (rhs, "b"), (gamma, "gamma"), (beta, "beta"))
     ]
-    return te.create_prim_func([*args, add_layer_norm_te(*args, epsilon)])
+    func = te.create_prim_func([*args, add_layer_norm_te(*args, epsilon)])
+    # create_prim_func names every function "main"; a module needs distinct symbols.
+    shape = "x".join(str(d) for d in _static(lhs) or ())
+    return func.with_attr("global_symbol", f"canao_add_layer_norm_{shape}")

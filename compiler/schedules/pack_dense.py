@@ -52,8 +52,10 @@ class _Rewriter:
     def kernel(self, m: int, k: int, n: int, epilogue: str) -> Any:
         key = (m, k, n, epilogue)
         if key not in self.kernels:
-            func = dense_primfunc(m, k, n, epilogue, self.tiling)
-            self.kernels[key] = self.builder.add_func(func, f"canao_dense_{epilogue}_{m}x{k}x{n}")
+            name = f"canao_dense_{epilogue}_{m}x{k}x{n}"
+            # TE names every function "main"; a module needs distinct symbols.
+            func = dense_primfunc(m, k, n, epilogue, self.tiling).with_attr("global_symbol", name)
+            self.kernels[key] = self.builder.add_func(func, name)
         return self.kernels[key]
 
     def rewrite(self, expr: Any, matches: dict[Any, Any], epilogue: str) -> Any:
