@@ -30,12 +30,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from _results import header, publish
 
-RESULTS = Path(__file__).resolve().parent / "results"
 BASELINES = ("torch-eager", "onnxruntime", "litert-fp32")
 SLOW_SYSTEMS = {"tvm-default"}  # timed with fewer calls: seconds per inference
 
@@ -240,8 +239,6 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from canao.latency.environment import cpu_model, versions
-
     peak = json.loads(_spawn(["--peak"], 1))
     rows: list[dict] = []
     for model in args.models.split(","):
@@ -270,14 +267,11 @@ def run(args: argparse.Namespace) -> None:
     table["speedup_vs_litert_fp32"] = [
         litert.get((r.model, r.seq, r.threads), np.nan) / r.median_ms for r in table.itertuples()
     ]
-    header = (
-        f"CPU: {cpu_model()}, {os.cpu_count()} cores; "
-        + ", ".join(f"{k} {v}" for k, v in sorted(versions().items()))
-        + f"; single-core GEMM peak: OpenBLAS {peak['openblas_sgemm_gflops']:.0f} GFLOP/s, "
+    title = header(
+        f"single-core GEMM peak: OpenBLAS {peak['openblas_sgemm_gflops']:.0f} GFLOP/s, "
         f"canao packed {peak['canao_packed_gemm_gflops']:.0f} GFLOP/s (peak = the larger); "
         "latency = median of interleaved rounds"
     )
-    print(header)
     shown = table.round(
         {
             "median_ms": 2,
@@ -289,13 +283,7 @@ def run(args: argparse.Namespace) -> None:
             "build_s": 1,
         }
     )
-    print(shown.to_string(index=False))
-    RESULTS.mkdir(exist_ok=True)
-    table.to_csv(RESULTS / "cpu_codegen.csv", index=False)
-    (RESULTS / "cpu_codegen.md").write_text(
-        header + "\n\n" + shown.to_markdown(index=False) + "\n", encoding="utf-8"
-    )
-    print(f"wrote {RESULTS / 'cpu_codegen.csv'} and .md")
+    publish(table, shown, "cpu_codegen", title)
 
 
 if __name__ == "__main__":

@@ -20,14 +20,13 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from _results import header, publish
 
 from canao import workflow
 from canao.compiler.importer import INPUT_NAMES, BertExportWrapper, example_inputs
 from canao.compiler.models import load_model
-from canao.latency.environment import cpu_model, versions
 from canao.latency.protocol import Protocol, summarize, time_callable
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PROTOCOLS = {"minilm": Protocol(warmup=2, repeats=10), "bert-base": Protocol(warmup=1, repeats=5)}
 
 
@@ -94,22 +93,15 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     args = parser.parse_args()
     table = run(args.models.split(","), [int(t) for t in args.threads.split(",")], args.seq)
-    header = (
-        f"CPU: {cpu_model()}; versions: "
-        + ", ".join(f"{k} {v}" for k, v in sorted(versions().items()))
-        + "; medians over the protocol's repeats (warm-up excluded)"
-    )
-    print(header)
-    print(workflow.format_table(table.assign(x_slower_than_torch=table.x_slower_than_torch)))
-    RESULTS.mkdir(exist_ok=True)
-    table.to_csv(RESULTS / "default_build.csv", index=False)
     shown = table.drop(columns=["cached", "device"]).round(
         {"median_ms": 1, "min_ms": 1, "iqr_ms": 1, "build_s": 1, "x_slower_than_torch": 1}
     )
-    (RESULTS / "default_build.md").write_text(
-        header + "\n\n" + shown.to_markdown(index=False) + "\n", encoding="utf-8"
+    publish(
+        table,
+        shown,
+        "default_build",
+        header("medians over the protocol's repeats (warm-up excluded)"),
     )
-    print(f"wrote {RESULTS / 'default_build.csv'} and .md")
 
 
 if __name__ == "__main__":

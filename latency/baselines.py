@@ -58,6 +58,7 @@ from canao.latency.protocol import (
     make_measurement,
     measurement_key,
     time_callable,
+    time_interleaved,
 )
 
 if TYPE_CHECKING:
@@ -566,35 +567,6 @@ def check_numerics(
 
 
 DEFAULT_ROUNDS = 4
-
-
-def time_interleaved(
-    calls: dict[str, Callable[[], object]], protocol: Protocol, rounds: int = DEFAULT_ROUNDS
-) -> dict[str, list[float]]:
-    """Per-repeat seconds of each callable: ``protocol.repeats`` each, in interleaved blocks.
-
-    The machine is shared and noisy, so the repeats are split into ``rounds``
-    blocks and the systems take turns block by block (starting system rotating):
-    a burst of outside load is spread over all systems instead of landing on
-    whichever ran during it. Blocks, not single repeats: ONNX Runtime, OpenMP
-    and XNNPACK worker threads spin after a call, and when every repeat
-    switched runtime they held the cores the next runtime needed (MiniLM at 2
-    threads: LiteRT 28 ms round-robin, 17 ms back to back; equal at 1 thread).
-    Each block starts with ``protocol.warmup`` untimed calls, which outlast the
-    previous runtime's spinning. ``rounds=1`` is plain back to back.
-    """
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
-    names = list(calls)
-    rounds = min(rounds, protocol.repeats)
-    sizes = [len(block) for block in np.array_split(np.arange(protocol.repeats), rounds)]
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    for round_, size in enumerate(sizes):
-        shift = round_ % len(names)
-        block = Protocol(warmup=protocol.warmup, repeats=size, number=protocol.number)
-        for name in names[shift:] + names[:shift]:
-            seconds[name].extend(time_callable(calls[name], block))
-    return seconds
 
 
 # --------------------------------------------------------------------------- the table
