@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from canao.compiler.schedules.vector_math import row_reduce
+
 
 def add_layer_norm_te(a: Any, b: Any, gamma: Any, beta: Any, epsilon: float) -> Any:
     """``(s - mean(s)) / sqrt(var(s) + eps) * gamma + beta`` with ``s = a + b``, last axis."""
@@ -26,15 +28,14 @@ def add_layer_norm_te(a: Any, b: Any, gamma: Any, beta: Any, epsilon: float) -> 
     width = shape[-1]
     total = te.compute(shape, lambda *i: a(*i) + b(*i), name="residual_sum")
     n = tirx.Cast("float32", width)
-    k1 = te.reduce_axis((0, width), name="k1")
-    row_sum = te.compute(shape[:-1], lambda *i: te.sum(total(*i, k1), axis=k1), name="row_sum")
-    k2 = te.reduce_axis((0, width), name="k2")
+    rows = list(shape[:-1])
+    row_sum = row_reduce(total, rows, width, "sum", "row_sum")
 
     def squared_deviation(*i: Any) -> Any:
-        centred = total(*i, k2) - row_sum(*i) / n
-        return te.sum(centred * centred, axis=k2)
+        centred = total(*i) - row_sum(*i[:-1]) / n
+        return centred * centred
 
-    row_sq = te.compute(shape[:-1], squared_deviation, name="row_sq")
+    row_sq = row_reduce(squared_deviation, rows, width, "sum", "row_sq")
 
     def normalise(*i: Any) -> Any:
         row = i[: rank - 1]

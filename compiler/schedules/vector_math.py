@@ -89,25 +89,60 @@ def gelu_expr(x: Any) -> Any:
     return _const(0.5) * x * (_const(1.0) + erf_expr(x * _const(0.7071067811865476)))
 
 
+# A row reduction accumulates into this many independent partial results: one
+# long dependent chain of adds (4 cycles each) otherwise bounds softmax and
+# layer norm, however well the rest is vectorised.
+PARTIALS = 16
+
+
+def _static_int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None  # a symbolic extent
+
+
+def row_reduce(value: Any, rows: list[Any], width: int, kind: str, name: str) -> Any:
+    """``kind`` ("sum" or "max") of ``value(*row, n)`` over ``n < width``, per row (a TE tensor).
+
+    With ``width`` a multiple of :data:`PARTIALS`, element ``n`` goes to partial
+    ``n % PARTIALS`` first, then the partials are combined: the same values in
+    another order (exact for max; for sum, float rounding differs in the last bits).
+    """
+    from tvm import te
+
+    reducer = te.sum if kind == "sum" else te.max
+    static = _static_int(width)
+    if static is None or static % PARTIALS or static < 2 * PARTIALS:
+        k = te.reduce_axis((0, width), name=f"{name}_k")
+        return te.compute(rows, lambda *i: reducer(value(*i, k), axis=k), name=name)
+    j = te.reduce_axis((0, static // PARTIALS), name=f"{name}_j")
+    partial = te.compute(
+        (*rows, PARTIALS),
+        lambda *i: reducer(value(*i[:-1], j * PARTIALS + i[-1]), axis=j),
+        name=f"{name}_partial",
+    )
+    lane = te.reduce_axis((0, PARTIALS), name=f"{name}_lane")
+    return te.compute(rows, lambda *i: reducer(partial(*i, lane), axis=lane), name=name)
+
+
 def softmax_te(data: Any, axis: int) -> Any:
     """Numerically stable softmax over ``axis`` with :func:`exp_expr` (a TE tensor)."""
-    from tvm import te, topi
+    from tvm import te
 
-    axis = axis % len(data.shape)
-    row_max = topi.max(data, axis=axis, keepdims=True)
+    rank = len(data.shape)
+    axis = axis % rank
+    if axis != rank - 1:
+        from tvm import topi
 
-    def shifted_exp(*idx: Any) -> Any:
-        row = [0 if d == axis else i for d, i in enumerate(idx)]
-        return exp_expr(data(*idx) - row_max(*row))
-
-    exps = te.compute(data.shape, shifted_exp, name="softmax_exp")
-    total = topi.sum(exps, axis=axis, keepdims=True)
-
-    def normalise(*idx: Any) -> Any:
-        row = [0 if d == axis else i for d, i in enumerate(idx)]
-        return exps(*idx) / total(*row)
-
-    return te.compute(data.shape, normalise, name="softmax_norm")
+        return topi.nn.softmax(data, axis)  # not BERT's case: TVM's own definition
+    rows, width = list(data.shape[:-1]), data.shape[-1]
+    row_max = row_reduce(data, rows, width, "max", "softmax_max")
+    exps = te.compute(
+        data.shape, lambda *i: exp_expr(data(*i) - row_max(*i[:-1])), name="softmax_exp"
+    )
+    total = row_reduce(exps, rows, width, "sum", "softmax_sum")
+    return te.compute(data.shape, lambda *i: exps(*i) / total(*i[:-1]), name="softmax_norm")
 
 
 def gelu_te(data: Any) -> Any:
