@@ -93,8 +93,7 @@ def child(model_name: str, seq: int, threads: int, rounds: int, per_round: int) 
             "max_abs_diff"
         ]
         builds[system] = compiled.build_seconds
-        args = runner._tensors(inputs, INPUT_NAMES)
-        calls[system] = lambda main=runner.vm["main"], args=args: main(*args)
+        calls[system] = runner.bind(inputs, INPUT_NAMES)
     for system in BASELINES:
         try:
             runner = baselines.make_runner(system, model, batch=1, seq=seq, threads=threads)

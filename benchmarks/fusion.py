@@ -66,8 +66,7 @@ def child(model_name: str, seq: int, threads: int, repeats: int) -> list[dict]:
         runner = local_runner(compiled.executable)
         output = runner.run(inputs, INPUT_NAMES)
         diffs[pipeline] = compare(compiled, output, inputs, "local")["max_abs_diff"]
-        args = runner._tensors(inputs, INPUT_NAMES)
-        calls[pipeline] = lambda main=runner.vm["main"], args=args: main(*args)
+        calls[pipeline] = runner.bind(inputs, INPUT_NAMES)
     seconds = time_interleaved(calls, Protocol(warmup=2, repeats=repeats), rounds=5)
     rows = []
     for pipeline, timings in seconds.items():

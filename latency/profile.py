@@ -29,10 +29,9 @@ def profile_kernels(
 
     ``runner`` is a :class:`canao.latency.runner.DeviceRunner` on a local device.
     """
-    args = runner._tensors(inputs, names)  # the same tensors every run
-    main = runner.vm["main"]
+    infer = runner.bind(inputs, names)  # the same tensors every run
     for _ in range(warmup):
-        main(*args)
+        infer()
     seconds: dict[str, float] = defaultdict(float)
     calls: Counter[str] = Counter()
     started: dict[str, float] = {}
@@ -47,7 +46,7 @@ def profile_kernels(
     runner.vm.set_instrument(hook)
     try:
         for _ in range(runs):
-            main(*args)
+            infer()
     finally:
         runner.vm.set_instrument(None)
     rows = [
