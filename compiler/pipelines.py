@@ -59,6 +59,7 @@ def cpu_stages(target: object, canao_fusion: bool) -> list[tuple[str, object]]:
     from canao.compiler.schedules.rules import default_rules
     from canao.compiler.schedules.vector_math import vectorised_math
     from canao.fusion.algebraic import fold_scale_into_dense, simplify_elementwise
+    from canao.fusion.merge_dense import merge_parallel_dense
     from canao.fusion.residual_layernorm import fuse_residual_layer_norm
 
     def seq(*passes: object) -> object:
@@ -77,6 +78,7 @@ def cpu_stages(target: object, canao_fusion: bool) -> list[tuple[str, object]]:
                 relax.transform.DeadCodeElimination(),
             ),
         ),
+        ("merge_parallel_dense", merge_parallel_dense()),  # Q, K, V: one product
     ]
     tiling = choose_tiling(target)
     return [
