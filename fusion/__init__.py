@@ -4,6 +4,7 @@ Passes (each a ``tvm.transform.Pass`` on high-level Relax, before LegalizeOps):
 
 - :func:`~canao.fusion.algebraic.simplify_elementwise`
 - :func:`~canao.fusion.algebraic.fold_scale_into_dense`
+- :func:`~canao.fusion.merge_dense.merge_parallel_dense`
 - :func:`~canao.fusion.residual_layernorm.fuse_residual_layer_norm`
 
 Bias and GELU epilogues are fused into the dense kernels by
