@@ -45,7 +45,9 @@ def _tvm_default_fused(target: object) -> object:
     return relax.get_default_pipeline(target)
 
 
-def cpu_stages(target: object, canao_fusion: bool) -> list[tuple[str, object]]:
+def cpu_stages(
+    target: object, canao_fusion: bool, approximate: bool = False
+) -> list[tuple[str, object]]:
     """The named passes of canao's CPU pipelines, in order (the fusion report walks them).
 
     Analytic schedules, no tuning: a new architecture builds in seconds.
@@ -86,9 +88,9 @@ def cpu_stages(target: object, canao_fusion: bool) -> list[tuple[str, object]]:
         *(fusion if canao_fusion else []),
         (
             "pack_dense" + ("_with_epilogues" if canao_fusion else ""),
-            pack_dense_weights(tiling, fuse_epilogues=canao_fusion),
+            pack_dense_weights(tiling, fuse_epilogues=canao_fusion, approximate=approximate),
         ),
-        ("vectorised_math", vectorised_math()),  # libm's scalar expf/erff would dominate
+        ("vectorised_math", vectorised_math(approximate)),  # libm's scalar expf/erff would dominate
         *([("fuse_residual_layer_norm", fuse_residual_layer_norm())] if canao_fusion else []),
         (
             "tvm_fuse_ops",
@@ -105,11 +107,11 @@ def cpu_stages(target: object, canao_fusion: bool) -> list[tuple[str, object]]:
     ]
 
 
-def _cpu_pipeline(target: object, canao_fusion: bool) -> object:
+def _cpu_pipeline(target: object, canao_fusion: bool, approximate: bool = False) -> object:
     import tvm
 
     return tvm.transform.Sequential(
-        [stage for _, stage in cpu_stages(target, canao_fusion)],
+        [stage for _, stage in cpu_stages(target, canao_fusion, approximate)],
         name="canao.fast" if canao_fusion else "canao.fast-tvm-fusion",
     )
 
@@ -133,11 +135,22 @@ def _canao_fast_tvm_fusion(target: object) -> object:
 # What the CLI, the benchmarks and the search use unless told otherwise.
 DEFAULT_PIPELINE = "fast"
 
+
+def _canao_fast_approx(target: object) -> object:
+    from tvm import relax
+
+    if "gpu" in target.keys:  # type: ignore[attr-defined]
+        return relax.get_default_pipeline(target)
+    return _cpu_pipeline(target, canao_fusion=True, approximate=True)
+
+
 PIPELINES: dict[str, PipelineFactory] = {
     "default": _tvm_default,
     "default-fused": _tvm_default_fused,
     "fast": _canao_fast,
     "fast-tvm-fusion": _canao_fast_tvm_fusion,
+    # Opt-in lossy math: I-BERT polynomial GELU/exp (bounds in vector_math).
+    "fast-approx": _canao_fast_approx,
 }
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from canao.compiler.schedules.vector_math import gelu_expr
+from canao.compiler.schedules.vector_math import gelu_expr, gelu_poly
 
 EPILOGUES = ("none", "bias", "bias_gelu")
 
@@ -67,8 +67,10 @@ def pack_weight(weight: np.ndarray, nb: int) -> np.ndarray:
     return np.ascontiguousarray(weight.reshape(k, n // nb, nb).transpose(1, 0, 2))
 
 
-def dense_primfunc(m: int, k: int, n: int, epilogue: str, tiling: DenseTiling) -> object:
-    """The scheduled TIR kernel for one dense shape and epilogue."""
+def dense_primfunc(
+    m: int, k: int, n: int, epilogue: str, tiling: DenseTiling, approximate: bool = False
+) -> object:
+    """The scheduled TIR kernel for one dense shape and epilogue (``approximate``: I-BERT GELU)."""
     from tvm import s_tir, te
 
     if epilogue not in EPILOGUES:
@@ -90,7 +92,8 @@ def dense_primfunc(m: int, k: int, n: int, epilogue: str, tiling: DenseTiling) -
         epilogue_blocks.append("bias_add")
     if epilogue == "bias_gelu":
         pre = out
-        out = te.compute((m, n), lambda i, j: gelu_expr(pre[i, j]), name="gelu")
+        gelu = gelu_poly if approximate else gelu_expr
+        out = te.compute((m, n), lambda i, j: gelu(pre[i, j]), name="gelu")
         epilogue_blocks.append("gelu")
     func = te.create_prim_func([*args, out])
     sch = s_tir.Schedule(func)

@@ -43,8 +43,9 @@ def _patterns() -> dict[str, Any]:
 
 
 class _Rewriter:
-    def __init__(self, tiling: DenseTiling, builder: Any) -> None:
+    def __init__(self, tiling: DenseTiling, builder: Any, approximate: bool = False) -> None:
         self.tiling = tiling
+        self.approximate = approximate
         self.builder = builder  # relax.BlockBuilder over the module: gives typed GlobalVars
         self.kernels: dict[tuple[int, int, int, str], Any] = {}  # -> GlobalVar
         self.p = _patterns()
@@ -52,9 +53,10 @@ class _Rewriter:
     def kernel(self, m: int, k: int, n: int, epilogue: str) -> Any:
         key = (m, k, n, epilogue)
         if key not in self.kernels:
-            name = f"canao_dense_{epilogue}_{m}x{k}x{n}"
+            name = f"canao_dense_{epilogue}{'_poly' if self.approximate else ''}_{m}x{k}x{n}"
             # TE names every function "main"; a module needs distinct symbols.
-            func = dense_primfunc(m, k, n, epilogue, self.tiling).with_attr("global_symbol", name)
+            func = dense_primfunc(m, k, n, epilogue, self.tiling, self.approximate)
+            func = func.with_attr("global_symbol", name)
             self.kernels[key] = self.builder.add_func(func, name)
         return self.kernels[key]
 
@@ -89,7 +91,9 @@ class _Rewriter:
         return call if out_shape == (m, n) else relax.op.reshape(call, out_shape)
 
 
-def pack_dense_weights(tiling: DenseTiling, fuse_epilogues: bool = True) -> Any:
+def pack_dense_weights(
+    tiling: DenseTiling, fuse_epilogues: bool = True, approximate: bool = False
+) -> Any:
     """The pass (a ``tvm.transform.Pass``) for one register tiling.
 
     ``fuse_epilogues=False`` packs the matrix product alone and leaves bias and
@@ -103,7 +107,7 @@ def pack_dense_weights(tiling: DenseTiling, fuse_epilogues: bool = True) -> Any:
     @tvm.transform.module_pass(opt_level=0, name="canao.PackDenseWeights")
     def transform(mod: Any, _ctx: Any) -> Any:
         builder = relax.BlockBuilder(mod)
-        rewriter = _Rewriter(tiling, builder)
+        rewriter = _Rewriter(tiling, builder, approximate)
         # Longest pattern first, so a GELU layer becomes one kernel, not dense + GELU.
         order = (("gelu", "bias_gelu"), ("biased", "bias"), ("mm", "none"))
         if not fuse_epilogues:

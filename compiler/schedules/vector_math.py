@@ -126,8 +126,8 @@ def row_reduce(value: Any, rows: list[Any], width: int, kind: str, name: str) ->
     return te.compute(rows, lambda *i: reducer(partial(*i, lane), axis=lane), name=name)
 
 
-def softmax_te(data: Any, axis: int) -> Any:
-    """Numerically stable softmax over ``axis`` with :func:`exp_expr` (a TE tensor)."""
+def softmax_te(data: Any, axis: int, approximate: bool = False) -> Any:
+    """Numerically stable softmax over ``axis`` with :func:`exp_expr` (or :func:`exp_poly`)."""
     from tvm import te
 
     rank = len(data.shape)
@@ -138,24 +138,24 @@ def softmax_te(data: Any, axis: int) -> Any:
         return topi.nn.softmax(data, axis)  # not BERT's case: TVM's own definition
     rows, width = list(data.shape[:-1]), data.shape[-1]
     row_max = row_reduce(data, rows, width, "max", "softmax_max")
-    exps = te.compute(
-        data.shape, lambda *i: exp_expr(data(*i) - row_max(*i[:-1])), name="softmax_exp"
-    )
+    exp = exp_poly if approximate else exp_expr
+    exps = te.compute(data.shape, lambda *i: exp(data(*i) - row_max(*i[:-1])), name="softmax_exp")
     total = row_reduce(exps, rows, width, "sum", "softmax_sum")
     return te.compute(data.shape, lambda *i: exps(*i) / total(*i[:-1]), name="softmax_norm")
 
 
-def gelu_te(data: Any) -> Any:
-    """Element-wise GELU with :func:`erf_expr` (a TE tensor)."""
+def gelu_te(data: Any, approximate: bool = False) -> Any:
+    """Element-wise GELU with :func:`erf_expr` (or :func:`erf_poly`) (a TE tensor)."""
     from tvm import te
 
-    return te.compute(data.shape, lambda *i: gelu_expr(data(*i)), name="gelu")
+    gelu = gelu_poly if approximate else gelu_expr
+    return te.compute(data.shape, lambda *i: gelu(data(*i)), name="gelu")
 
 
 _REPLACED = ("relax.nn.softmax", "relax.nn.gelu")
 
 
-def vectorised_math() -> Any:
+def vectorised_math(approximate: bool = False) -> Any:
     """Relax pass: ``R.nn.softmax`` -> :func:`softmax_te`, ``R.nn.gelu`` -> :func:`gelu_te`.
 
     Runs before LegalizeOps, after any pass that wants to see the original ops
@@ -174,10 +174,16 @@ def vectorised_math() -> Any:
                 return call
             if call.op.name == "relax.nn.softmax":
                 return self.builder_.call_te(
-                    softmax_te, call.args[0], int(call.attrs.axis), primfunc_name_hint="softmax"
+                    softmax_te,
+                    call.args[0],
+                    int(call.attrs.axis),
+                    approximate,
+                    primfunc_name_hint="softmax",
                 )
             if call.op.name == "relax.nn.gelu":
-                return self.builder_.call_te(gelu_te, call.args[0], primfunc_name_hint="gelu")
+                return self.builder_.call_te(
+                    gelu_te, call.args[0], approximate, primfunc_name_hint="gelu"
+                )
             return call
 
     @tvm.transform.module_pass(opt_level=0, name="canao.VectorisedMath")
@@ -189,3 +195,40 @@ def vectorised_math() -> Any:
         return mutator.builder_.get()
 
     return transform
+
+
+# ------------------------------------------------------------------ lossy approximations
+# Optional, off by default (pipeline ``fast-approx``): I-BERT's second-order
+# polynomials (Kim et al. 2021), cheaper than the float32-accurate forms above.
+# Stated bounds (checked by tests/test_approximations.py):
+#   gelu_poly: |gelu_poly(x) - gelu(x)| <= 1.9e-2 for all x (erf_poly alone is off by
+#              up to 9.7e-2 near 0, where GELU multiplies it by x);
+#   exp_poly: |exp_poly(x) / exp(x) - 1| <= 4e-3 for x in [-80, 0] (softmax's shifted range).
+_IBERT_ERF_A, _IBERT_ERF_B = -0.2888, -1.769
+_IBERT_EXP = (0.3585, 1.353, 0.344)
+_LN2 = 0.6931471805599453
+
+
+def erf_poly(x: Any) -> Any:
+    """``sign(x) * (a * (min(|x|, -b) + b)^2 + 1)``: I-BERT's erf."""
+    from tvm import te, tirx
+
+    clipped = te.min(tirx.abs(x), _const(-_IBERT_ERF_B)) + _const(_IBERT_ERF_B)
+    magnitude = _const(_IBERT_ERF_A) * clipped * clipped + _const(1.0)
+    return tirx.Select(x < _const(0.0), -magnitude, magnitude)
+
+
+def exp_poly(x: Any) -> Any:
+    """exp for ``x <= 0``: ``x = p - z ln2``, ``exp(p) ~ a (p + b)^2 + c``, times ``2^-z``."""
+    from tvm import te, tirx
+
+    x = te.max(x, _const(_EXP_MIN))
+    z = te.floor(-x / _const(_LN2))
+    p = x + z * _const(_LN2)
+    a, b, c = (_const(v) for v in _IBERT_EXP)
+    two_minus_z = tirx.reinterpret("float32", (127 - z.astype("int32")) << 23)
+    return (a * (p + b) * (p + b) + c) * two_minus_z
+
+
+def gelu_poly(x: Any) -> Any:
+    return _const(0.5) * x * (_const(1.0) + erf_poly(x * _const(0.7071067811865476)))
