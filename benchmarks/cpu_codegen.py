@@ -7,11 +7,11 @@ burst of load on this shared machine spreads over all systems. Each
 (model, seq, threads) runs in its own child process with TVM_NUM_THREADS set,
 since TVM fixes its thread count when its pool starts.
 
-TVM's `default` build (what `tvm.compile` does) has no parallel loops, so it is
-timed at 1 thread only.
+TVM's `default` build (what `tvm.compile` does) takes seconds per inference and
+has no parallel loops: it is timed after the others (two calls), at 1 thread only.
 
 Also measured: single-core fp32 GEMM throughput (OpenBLAS sgemm via numpy, and
-canao's packed kernel on a 1024^3 GEMM); each system's achieved GFLOP/s on the
+canao's packed kernel, square sizes 256..1024); each system's achieved GFLOP/s on the
 whole model as a fraction of that peak; canao's in-model GEMM throughput from
 its per-kernel profile.
 
@@ -28,12 +28,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
 from _results import header, publish
+
+from canao.latency.protocol import Protocol, time_callable, time_interleaved
 
 BASELINES = ("torch-eager", "onnxruntime", "litert-fp32")
 SLOW_SYSTEMS = {"tvm-default"}  # timed with fewer calls: seconds per inference
@@ -46,22 +47,16 @@ def bert_flops(layers: int, hidden: int, ffn: int, seq: int, batch: int = 1) -> 
     return 2.0 * batch * layers * (dense + attention)
 
 
-def time_in_rounds(
-    calls: dict[str, Callable[[], object]], rounds: int, per_round: int, slow: set[str]
+def time_systems(
+    calls: dict[str, Callable[[], object]], rounds: int, per_round: int
 ) -> dict[str, list[float]]:
-    names = list(calls)
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(rounds):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            if name in slow and round_ >= 2:
-                continue  # two rounds of a multi-second build are enough for its median
-            calls[name]()  # absorbs the switch from the previous runtime's thread pool
-            count = 1 if name in slow else per_round
-            for _ in range(count):
-                start = time.perf_counter()
-                calls[name]()
-                seconds[name].append(time.perf_counter() - start)
+    """Fast systems interleaved in blocks (the project's protocol); then the slow ones
+    (multi-second builds) back to back, two timed calls each after one warm-up."""
+    fast = {name: call for name, call in calls.items() if name not in SLOW_SYSTEMS}
+    protocol = Protocol(warmup=1, repeats=rounds * per_round)
+    seconds = time_interleaved(fast, protocol, rounds=rounds)
+    for name in calls.keys() & SLOW_SYSTEMS:
+        seconds[name] = time_callable(calls[name], Protocol(warmup=1, repeats=2))
     return seconds
 
 
@@ -102,7 +97,7 @@ def child(model_name: str, seq: int, threads: int, rounds: int, per_round: int) 
             continue
         diffs[system], _ = baselines.check_numerics(runner, inputs, reference)
         calls[system] = runner.bind(inputs)
-    seconds = time_in_rounds(calls, rounds, per_round, SLOW_SYSTEMS)
+    seconds = time_systems(calls, rounds, per_round)
     cfg = model.config
     flops = bert_flops(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, seq)
     rows = []
@@ -192,14 +187,9 @@ def gemm_peak() -> dict[str, float]:
     return found
 
 
-def _gflops(fn: Callable[[], object], n: int, calls: int = 20) -> float:
-    fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 2.0 * n**3 / float(np.median(times)) / 1e9
+def _gflops(fn: Callable[[], object], n: int) -> float:
+    seconds = time_callable(fn, Protocol(warmup=1, repeats=20))
+    return 2.0 * n**3 / float(np.median(seconds)) / 1e9
 
 
 def _spawn(argv: list[str], threads: int) -> str:

@@ -53,6 +53,7 @@ from canao.compiler.models import LoadedModel, load_model
 from canao.compiler.verify import Tolerance
 from canao.errors import CanaoError, NumericsMismatchError
 from canao.latency.protocol import (
+    INTERLEAVED_ROUNDS,
     Measurement,
     Protocol,
     make_measurement,
@@ -566,9 +567,6 @@ def check_numerics(
 # --------------------------------------------------------------------------- timing
 
 
-DEFAULT_ROUNDS = 4
-
-
 # --------------------------------------------------------------------------- the table
 
 
@@ -670,7 +668,7 @@ def compare(
     protocol: Protocol | None = None,
     systems: Sequence[str] | None = None,
     tolerance: Tolerance | None = None,
-    rounds: int = DEFAULT_ROUNDS,
+    rounds: int = INTERLEAVED_ROUNDS,
 ) -> pd.DataFrame:
     """Every baseline at every thread count: one row per (system, threads), with speed-ups.
 

@@ -18,6 +18,9 @@ import numpy as np
 
 from canao.latency.environment import cpu_model, versions
 
+# Blocks per system when several systems are timed interleaved (time_interleaved).
+INTERLEAVED_ROUNDS = 4
+
 
 @dataclass(frozen=True)
 class Protocol:
@@ -97,7 +100,9 @@ def time_callable(fn: Callable[[], object], protocol: Protocol) -> list[float]:
 
 
 def time_interleaved(
-    calls: dict[str, Callable[[], object]], protocol: Protocol, rounds: int = 4
+    calls: dict[str, Callable[[], object]],
+    protocol: Protocol,
+    rounds: int = INTERLEAVED_ROUNDS,
 ) -> dict[str, list[float]]:
     """Per-repeat seconds of each callable: ``protocol.repeats`` each, in interleaved blocks.
 
