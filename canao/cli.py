@@ -118,9 +118,98 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp_.set_defaults(run=_cmd_compare)
 
+    _add_search_parser(commands)
+
     lst = commands.add_parser("list", help="list targets, pipelines and model presets")
     lst.set_defaults(run=_cmd_list)
     return parser
+
+
+def _add_search_parser(commands: argparse._SubParsersAction) -> None:
+    search = commands.add_parser(
+        "search",
+        help="compiler-aware architecture search (no options: a short demo on offline data)",
+        description=(
+            "Fine-tune a teacher, train a weight-sharing super-network, then search "
+            "depth/width variants whose latency is measured on the compiled artifact."
+        ),
+    )
+    search.add_argument(
+        "--task",
+        default="movie-reviews",
+        help="movie-reviews (default), sst2, rte, a GLUE "
+        "name, hub:glue/<task>, or a folder with train.tsv and dev.tsv",
+    )
+    search.add_argument("--target", default="x86", help="x86 (default), arm64 or cuda")
+    search.add_argument(
+        "--latency-ms", type=float, help="latency target (default: half the teacher's)"
+    )
+    search.add_argument(
+        "--controller", default="evolution", help="evolution (default), rl, tpe, nsga2, random"
+    )
+    search.add_argument("--trials", type=int, default=20, help="trials in the study (default 20)")
+    search.add_argument(
+        "--objective",
+        choices=("soft", "hard", "pareto"),
+        default="soft",
+        help="MnasNet soft or hard latency constraint, or two-objective Pareto search",
+    )
+    search.add_argument("--weight", type=float, default=-0.07, help="soft-constraint exponent")
+    search.add_argument(
+        "--storage",
+        help="Optuna storage URL (default sqlite:///OUT/study.db); share it to "
+        "run several workers on one search",
+    )
+    search.add_argument("--study-name", default="canao-search")
+    search.add_argument("-o", "--out", type=Path, default=Path("canao-search"))
+    search.add_argument("--seq", type=int, default=128, help="sequence length timed (default 128)")
+    search.add_argument("--threads", type=int, default=1, help="threads timed (default 1)")
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument(
+        "--teacher-examples", type=int, default=6400, help="training examples for the teacher"
+    )
+    search.add_argument(
+        "--supernet-steps", type=int, default=200, help="super-network training steps"
+    )
+    search.add_argument("--dev-limit", type=int, help="score candidates on the first N dev rows")
+    search.add_argument(
+        "--predictor-skip",
+        type=float,
+        help="skip candidates predicted slower than this multiple of the target",
+    )
+    search.add_argument("--no-export", action="store_true", help="do not export the winner")
+    search.add_argument("--rpc", metavar="HOST:PORT", help="remote device: RPC server or tracker")
+    search.add_argument("--key", help="device key at the RPC tracker named by --rpc")
+    search.set_defaults(run=_cmd_search)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from canao.nas.distill import SupernetConfig
+    from canao.nas.job import SearchJob, run_job
+
+    job = SearchJob(
+        task=args.task,
+        target=args.target,
+        latency_ms=args.latency_ms,
+        controller=args.controller,
+        trials=args.trials,
+        objective=args.objective,
+        weight=args.weight,
+        storage=args.storage,
+        study_name=args.study_name,
+        out=args.out,
+        seq=args.seq,
+        threads=args.threads,
+        seed=args.seed,
+        teacher_examples=args.teacher_examples,
+        supernet=SupernetConfig(steps=args.supernet_steps, seed=args.seed),
+        dev_limit=args.dev_limit,
+        predictor_skip=args.predictor_skip,
+        rpc=_rpc_address(args),
+        export_winner=not args.no_export,
+    )
+    run_job(job)
+    return 0
 
 
 def _rpc_address(args: argparse.Namespace):  # -> RPCAddress | None

@@ -140,13 +140,17 @@ def build_module(config: BertConfig, head: Head, num_labels: int, seed: int) -> 
 def load_pretrained(path: Path, head: Head, num_labels: int) -> PreTrainedModel:
     """``from_pretrained`` from a local folder; no network access is ever attempted."""
     cls = BertForSequenceClassification if head == "classification" else BertModel
+    if _model_type(path) == "canao_bert":  # a search winner: per-layer FFN sizes
+        from canao.nas.modeling import CanaoBertForSequenceClassification, CanaoBertModel
+
+        cls = CanaoBertForSequenceClassification if head == "classification" else CanaoBertModel
     kwargs: dict[str, object] = {"local_files_only": True}
     if head == "classification":
         kwargs["num_labels"] = num_labels
     else:
         kwargs["add_pooling_layer"] = False
     try:
-        config = BertConfig.from_pretrained(str(path), local_files_only=True)
+        config = cls.config_class.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as err:
         raise InvalidModelConfigError(f"{path}: unreadable config.json ({err})") from None
     validate_config(config, f"{path}/config.json")
@@ -158,6 +162,13 @@ def load_pretrained(path: Path, head: Head, num_labels: int) -> PreTrainedModel:
         return cls.from_pretrained(str(path), **kwargs).eval()
     finally:
         hf_logging.set_verbosity(previous)
+
+
+def _model_type(path: Path) -> str | None:
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None  # reported by the config loader below, with its own message
 
 
 def fingerprint_module(module: torch.nn.Module, config: BertConfig) -> str:

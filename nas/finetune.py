@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from transformers import BertForSequenceClassification, BertTokenizerFast
 
 from canao.compiler.models import minilm_path
-from canao.nas.tasks import Split, default_glue_root, load_task
+from canao.nas.tasks import Split, default_glue_root, load_task, num_labels
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,8 @@ def teacher_dir(config: FinetuneConfig, base_model: Path, data_root: Path) -> Pa
     fields = [str(base_model), str(data_root), asdict(config)]
     key = hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:12]
     cache = Path(os.environ.get("CANAO_CACHE_DIR") or Path.home() / ".cache" / "canao")
-    return cache / "teachers" / f"{config.task}-{key}"
+    safe_task = re.sub(r"[^A-Za-z0-9_.-]+", "_", config.task)  # hub names and paths
+    return cache / "teachers" / f"{safe_task}-{key}"
 
 
 def encode(
@@ -92,7 +94,7 @@ def finetune(
     torch.manual_seed(config.seed)
     tokenizer = BertTokenizerFast.from_pretrained(str(base_model), local_files_only=True)
     model = BertForSequenceClassification.from_pretrained(
-        str(base_model), num_labels=2, local_files_only=True
+        str(base_model), num_labels=num_labels(data), local_files_only=True
     )
     train = data["train"]
     count = len(train) if config.train_limit is None else min(config.train_limit, len(train))

@@ -1,0 +1,216 @@
+"""Train the super-network with distillation from the teacher, and score sub-networks.
+
+Training follows DynaBERT/BigNAS: the super-network starts as a copy of the
+fine-tuned teacher with heads, neurons and hidden channels reordered by
+importance, then each step distils the teacher's logits into the largest,
+the smallest and ``random_subnets`` random sub-networks (the sandwich rule),
+summing their gradients before one optimiser step. The result is cached under
+``$CANAO_CACHE_DIR/supernets/<task>-<key>/`` as a ``save_pretrained`` folder
+plus ``supernet.json`` (space, settings, log), so a search reuses it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import BertForSequenceClassification, BertTokenizerFast
+from transformers import logging as hf_logging
+
+from canao.nas.finetune import encode
+from canao.nas.space import ArchConfig, SearchSpace
+from canao.nas.supernet import (
+    extract,
+    first_order_importance,
+    reorder_by_importance,
+    subnet_logits,
+)
+from canao.nas.tasks import Split
+
+
+@dataclass(frozen=True)
+class SupernetConfig:
+    steps: int = 200
+    batch_size: int = 32
+    learning_rate: float = 3e-5
+    random_subnets: int = 2  # besides the largest and the smallest
+    temperature: float = 1.0
+    importance_batches: int = 8
+    max_length: int = 64
+    dropout: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class SuperNet:
+    """A trained super-network, its tokenizer and its space."""
+
+    model: BertForSequenceClassification
+    tokenizer: BertTokenizerFast
+    space: SearchSpace
+    path: Path | None = None
+    info: dict[str, object] | None = None
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CANAO_CACHE_DIR") or Path.home() / ".cache" / "canao")
+
+
+def supernet_dir(teacher: Path, task: str, space: SearchSpace, config: SupernetConfig) -> Path:
+    fields = [str(teacher), task, asdict(space), asdict(config)]
+    key = hashlib.sha256(json.dumps(fields, default=list).encode()).hexdigest()[:12]
+    return cache_root() / "supernets" / f"{task}-{key}"
+
+
+def load_teacher(path: Path) -> tuple[BertForSequenceClassification, BertTokenizerFast]:
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = BertForSequenceClassification.from_pretrained(str(path), local_files_only=True)
+        tokenizer = BertTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(previous)
+    return model.eval(), tokenizer
+
+
+def batches(
+    tokenizer: BertTokenizerFast,
+    split: Split,
+    batch_size: int,
+    max_length: int,
+    rng: np.random.Generator,
+) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """Shuffled training batches forever, each padded to its own longest example."""
+    while True:
+        order = rng.permutation(len(split))
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            rows = order[start : start + batch_size]
+            inputs = encode(tokenizer, [split.texts[i] for i in rows], max_length)
+            yield dict(inputs), torch.tensor([split.labels[i] for i in rows])
+
+
+def distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Soft cross-entropy to the teacher's distribution (Hinton et al.), scaled by T^2."""
+    soft = F.softmax(teacher / temperature, dim=-1)
+    return -(soft * F.log_softmax(student / temperature, dim=-1)).sum(-1).mean() * temperature**2
+
+
+def train_supernet(
+    teacher_path: Path,
+    train: Split,
+    task: str,
+    space: SearchSpace | None = None,
+    config: SupernetConfig | None = None,
+    *,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> SuperNet:
+    """Train (or load from the cache) the super-network for ``task`` from ``teacher_path``."""
+    config = config or SupernetConfig()
+    teacher, tokenizer = load_teacher(teacher_path)
+    space = space or SearchSpace.from_teacher(teacher.config)
+    out = supernet_dir(teacher_path, task, space, config)
+    if (out / "supernet.json").is_file():
+        return load_supernet(out)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    data = batches(tokenizer, train, config.batch_size, config.max_length, rng)
+    started = time.perf_counter()
+    student = copy.deepcopy(teacher)
+    importance = first_order_importance(
+        student, [next(data) for _ in range(config.importance_batches)]
+    )
+    reorder_by_importance(student, importance)
+    log = _sandwich(student, teacher, space, data, config, progress)
+    info = {
+        "task": task,
+        "teacher": str(teacher_path),
+        "space": asdict(space),
+        "config": asdict(config),
+        "seconds": round(time.perf_counter() - started, 1),
+        "loss_log": log,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    student.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "supernet.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    return SuperNet(student.eval(), tokenizer, space, out, info)
+
+
+def _sandwich(
+    student: BertForSequenceClassification,
+    teacher: BertForSequenceClassification,
+    space: SearchSpace,
+    data: Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]],
+    config: SupernetConfig,
+    progress: Callable[[int, int, float], None] | None,
+) -> list[dict[str, float]]:
+    pick = random.Random(config.seed)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.learning_rate)
+    schedule = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.0, total_iters=config.steps)
+    largest, smallest = space.largest(), space.smallest()
+    log: list[dict[str, float]] = []
+    student.train()
+    for step in range(config.steps):
+        inputs, _labels = next(data)
+        with torch.no_grad():
+            target = teacher(**inputs).logits
+        archs = [largest, smallest, *(space.sample(pick) for _ in range(config.random_subnets))]
+        losses = []
+        for arch in archs:
+            logits = subnet_logits(
+                student,
+                arch,
+                inputs["input_ids"],
+                inputs["attention_mask"],
+                inputs.get("token_type_ids"),
+                dropout=config.dropout,
+            )
+            loss = distillation_loss(logits, target, config.temperature)
+            loss.backward()
+            losses.append(loss.item())
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if step % 20 == 0 or step == config.steps - 1:
+            log.append({"step": step, "largest": losses[0], "smallest": losses[1]})
+        if progress is not None:
+            progress(step + 1, config.steps, losses[1])
+    student.eval()
+    return log
+
+
+def load_supernet(path: Path) -> SuperNet:
+    model, tokenizer = load_teacher(path)
+    info = json.loads((path / "supernet.json").read_text(encoding="utf-8"))
+    space = SearchSpace(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in info["space"].items()}
+    )
+    return SuperNet(model, tokenizer, space, path, info)
+
+
+def dev_accuracy(
+    supernet: SuperNet, arch: ArchConfig, split: Split, max_length: int = 64, batch_size: int = 128
+) -> float:
+    """Accuracy of the *extracted* sub-network on ``split`` (length-sorted batches for speed)."""
+    model = extract(supernet.model, arch)
+    order = sorted(range(len(split)), key=lambda i: sum(len(t) for t in split.texts[i]))
+    correct = 0
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            inputs = encode(supernet.tokenizer, [split.texts[i] for i in rows], max_length)
+            predicted = model(**inputs).logits.argmax(-1).numpy()
+            correct += int((predicted == np.array([split.labels[i] for i in rows])).sum())
+    return correct / len(split)

@@ -1,0 +1,361 @@
+"""``canao search`` end to end: teacher -> super-network -> search -> outputs -> winner.
+
+Every expensive step is cached (teacher and super-network on disk, latencies in
+the latency cache, trials in the study's storage), so rerunning the same
+command resumes where it stopped instead of starting over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import pandas as pd
+
+from canao.latency.cache import LatencyCache
+from canao.latency.protocol import Protocol
+from canao.latency.rpc import RPCAddress
+from canao.nas.controllers import check_controller
+from canao.nas.distill import (
+    SuperNet,
+    SupernetConfig,
+    cache_root,
+    dev_accuracy,
+    load_teacher,
+    train_supernet,
+)
+from canao.nas.finetune import FinetuneConfig, finetune
+from canao.nas.latency import LatencyEvaluator, LatencyResult
+from canao.nas.search import (
+    SearchSettings,
+    best_trial,
+    pareto_front,
+    predictor_report,
+    run_search,
+    trials_frame,
+)
+from canao.nas.space import ArchConfig
+from canao.nas.tasks import Split, load_task
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class SearchJob:
+    task: str = "movie-reviews"
+    target: str = "x86"
+    latency_ms: float | None = None  # None: half of the teacher's measured latency
+    controller: str = "evolution"
+    trials: int = 20
+    objective: str = "soft"
+    weight: float = -0.07
+    storage: str | None = None  # None: sqlite:///<out>/study.db
+    study_name: str = "canao-search"
+    out: Path = Path("canao-search")
+    seq: int = 128
+    threads: int = 1
+    seed: int = 0
+    teacher_examples: int | None = 6400
+    supernet: SupernetConfig = field(default_factory=SupernetConfig)
+    dev_limit: int | None = None
+    predictor_skip: float | None = None
+    rpc: RPCAddress | None = None
+    export_winner: bool = True
+    progress: bool = True
+
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{(self.out / 'study.db').resolve()}"
+
+
+@dataclass
+class SupernetEvaluator:
+    """Accuracy of the extracted sub-network on the dev split; latency as canao ships it."""
+
+    supernet: SuperNet
+    dev: Split
+    latency_evaluator: LatencyEvaluator
+    max_length: int = 64
+
+    def accuracy(self, arch: ArchConfig) -> float:
+        """Cached per (super-network, dev split, architecture): controllers revisit points."""
+        key = f"{self._dev_key()}|{self.max_length}|{arch.key}"
+        with self._store() as db:
+            hit = db.execute("SELECT accuracy FROM accuracy WHERE key = ?", (key,)).fetchone()
+        if hit is not None:
+            return float(hit[0])
+        value = dev_accuracy(self.supernet, arch, self.dev, self.max_length)
+        with self._store() as db:
+            db.execute("INSERT OR REPLACE INTO accuracy VALUES (?, ?)", (key, value))
+        return value
+
+    def _dev_key(self) -> str:
+        digest = hashlib.sha256(json.dumps([self.dev.texts, self.dev.labels]).encode())
+        return digest.hexdigest()[:16]
+
+    @contextlib.contextmanager
+    def _store(self) -> Iterator[sqlite3.Connection]:
+        folder = self.supernet.path or cache_root()
+        db = sqlite3.connect(folder / "accuracy.sqlite", timeout=60)
+        try:
+            db.execute("CREATE TABLE IF NOT EXISTS accuracy (key TEXT PRIMARY KEY, accuracy REAL)")
+            yield db
+            db.commit()
+        finally:
+            db.close()
+
+    def latency(self, arch: ArchConfig) -> LatencyResult:
+        return self.latency_evaluator(arch)
+
+
+@dataclass
+class SearchOutcome:
+    trials: pd.DataFrame
+    pareto: pd.DataFrame
+    winner: pd.Series
+    summary: dict[str, object]
+    out: Path
+    evaluator: SupernetEvaluator
+
+
+def _dev_slice(split: Split, limit: int | None) -> Split:
+    if limit is None or limit >= len(split):
+        return split
+    return Split(split.texts[:limit], split.labels[:limit], split.label_names)
+
+
+def prepare(job: SearchJob, log: Log) -> SupernetEvaluator:
+    """Teacher, super-network and evaluators (each cached after the first run)."""
+    data = load_task(job.task)
+    log(f"teacher: fine-tuning MiniLM-L6 on {job.task} (cached after the first run)")
+    teacher = finetune(
+        FinetuneConfig(task=job.task, train_limit=job.teacher_examples, seed=job.seed), log=False
+    )
+    log(f"super-network: {job.supernet.steps} sandwich steps (cached after the first run)")
+    supernet = train_supernet(
+        teacher, data["train"], job.task, config=job.supernet, progress=_bar("super-net", job)
+    )
+    base = supernet.model.config
+    evaluator = LatencyEvaluator(
+        base,
+        target=job.target,
+        seq=job.seq,
+        threads=job.threads,
+        protocol=Protocol(warmup=3, repeats=15),
+        rpc=job.rpc,
+        cache=LatencyCache(),
+    )
+    return SupernetEvaluator(supernet, _dev_slice(data["dev"], job.dev_limit), evaluator)
+
+
+def _bar(label: str, job: SearchJob) -> Callable[[int, int, float], None] | None:
+    if not job.progress:
+        return None
+    from tqdm import tqdm
+
+    bar: dict[str, tqdm] = {}
+
+    def update(done: int, total: int, loss: float) -> None:
+        if label not in bar:
+            bar[label] = tqdm(total=total, desc=label, unit="step")
+        bar[label].update(1)
+        bar[label].set_postfix(loss=f"{loss:.3f}")
+        if done == total:
+            bar[label].close()
+
+    return update
+
+
+def check_job(job: SearchJob) -> None:
+    """Every option a typo can break, checked before minutes of fine-tuning and training."""
+    from canao.workflow import preflight
+
+    SearchSettings(
+        controller=job.controller,
+        trials=job.trials,
+        objective=job.objective,
+        latency_ms=1.0 if job.latency_ms is None else job.latency_ms,
+    )
+    check_controller(job.controller, multi_objective=job.objective == "pareto")
+    preflight(job.target, ["fast"], job.rpc, 20.0)
+    load_task(job.task)
+
+
+def run_job(job: SearchJob, log: Log = print) -> SearchOutcome:
+    # TVM reads TVM_NUM_THREADS once, when its thread pool starts: set it before any run so
+    # candidates are timed in this process at the wanted thread count.
+    os.environ.setdefault("TVM_NUM_THREADS", str(job.threads))
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    check_job(job)
+    job.out.mkdir(parents=True, exist_ok=True)
+    evaluator = prepare(job, log)
+    teacher = _teacher_point(evaluator, job, log)
+    target = job.latency_ms or round(teacher["latency_ms"] / 2, 3)
+    settings = SearchSettings(
+        controller=job.controller,
+        trials=job.trials,
+        objective=job.objective,
+        latency_ms=target,
+        weight=job.weight,
+        seed=job.seed,
+        study_name=job.study_name,
+        predictor_skip=job.predictor_skip,
+    )
+    log(
+        f"search: {job.controller}, {job.trials} trials, target {target:.2f} ms "
+        f"({job.objective}), storage {job.storage_url()}"
+    )
+    started = time.perf_counter()
+    study = run_search(
+        evaluator.supernet.space,
+        evaluator,
+        settings,
+        job.storage_url(),
+        on_trial=_trial_bar(job),
+    )
+    seconds = round(time.perf_counter() - started, 1)
+    return write_outputs(study, job, settings, evaluator, teacher, log, search_seconds=seconds)
+
+
+def _teacher_point(evaluator: SupernetEvaluator, job: SearchJob, log: Log) -> dict[str, object]:
+    """The teacher's accuracy and latency under the same protocol (the reference point)."""
+    model, tokenizer = load_teacher(Path(str(evaluator.supernet.info["teacher"])))
+    as_supernet = SuperNet(model, tokenizer, evaluator.supernet.space)
+    largest = evaluator.supernet.space.largest()
+    accuracy = dev_accuracy(as_supernet, largest, evaluator.dev)
+    latency = evaluator.latency(largest).median_ms
+    log(f"teacher: accuracy {accuracy:.4f}, latency {latency:.2f} ms on {job.target}")
+    return {"arch": largest.key, "accuracy": accuracy, "latency_ms": latency}
+
+
+def _trial_bar(job: SearchJob) -> Callable[[object], None] | None:
+    if not job.progress:
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(total=job.trials, desc="search", unit="trial")
+
+    def update(trial: object) -> None:
+        bar.update(1)
+        attrs = getattr(trial, "user_attrs", {})
+        if "latency_ms" in attrs:
+            bar.set_postfix(acc=f"{attrs['accuracy']:.3f}", ms=f"{attrs['latency_ms']:.2f}")
+        if bar.n >= bar.total:
+            bar.close()
+
+    return update
+
+
+def write_outputs(
+    study: object,
+    job: SearchJob,
+    settings: SearchSettings,
+    evaluator: SupernetEvaluator,
+    teacher: dict[str, object],
+    log: Log,
+    search_seconds: float | None = None,
+) -> SearchOutcome:
+    """trials.csv, pareto.csv, pareto.png, summary.json, and the exported winner."""
+    frame = trials_frame(study)  # type: ignore[arg-type]
+    front = pareto_front(frame)
+    winner = best_trial(frame, settings)
+    frame.to_csv(job.out / "trials.csv", index=False)
+    front.to_csv(job.out / "pareto.csv", index=False)
+    plot_pareto(frame, front, teacher, job.out / "pareto.png", settings.latency_ms)
+    summary = {
+        "job": _job_dict(job),
+        "latency_target_ms": settings.latency_ms,
+        "teacher": teacher,
+        "winner": _row_dict(winner),
+        "speedup_vs_teacher": float(teacher["latency_ms"]) / float(winner["latency_ms"]),
+        "trials": frame["state"].value_counts().to_dict(),
+        "search_seconds_this_run": search_seconds,
+        "predictor": predictor_report(study),  # type: ignore[arg-type]
+    }
+    if job.export_winner:
+        summary["winner_export"] = str(export_winner(evaluator, winner, job, summary))
+    (job.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    log(
+        f"winner {winner['arch']}: accuracy {winner['accuracy']:.4f}, "
+        f"{winner['latency_ms']:.2f} ms ({summary['speedup_vs_teacher']:.1f}x faster than the "
+        f"teacher); outputs in {job.out}"
+    )
+    return SearchOutcome(frame, front, winner, summary, job.out, evaluator)
+
+
+def _job_dict(job: SearchJob) -> dict[str, object]:
+    fields = asdict(replace(job, rpc=None))
+    fields["rpc"] = job.rpc.label if job.rpc else None
+    fields["out"] = str(job.out)
+    return fields
+
+
+def _row_dict(row: pd.Series) -> dict[str, object]:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+
+
+def plot_pareto(
+    frame: pd.DataFrame,
+    front: pd.DataFrame,
+    teacher: dict[str, object],
+    path: Path,
+    target_ms: float,
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = frame[frame["state"] == "COMPLETE"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(done["latency_ms"], done["accuracy"], s=12, alpha=0.5, label="trials")
+    ax.plot(front["latency_ms"], front["accuracy"], "o-", color="C3", label="Pareto front")
+    ax.scatter(
+        [teacher["latency_ms"]],
+        [teacher["accuracy"]],
+        marker="*",
+        s=120,
+        color="k",
+        label="teacher",
+    )
+    ax.axvline(target_ms, color="grey", linestyle="--", linewidth=1, label="latency target")
+    ax.set_xlabel("measured latency (ms)")
+    ax.set_ylabel("dev accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def export_winner(
+    evaluator: SupernetEvaluator, winner: pd.Series, job: SearchJob, summary: dict[str, object]
+) -> Path:
+    """Hugging Face checkpoint (safetensors), compiled library + manifest, and a report."""
+    from canao.compiler.build import compile_model, export_artifact
+    from canao.compiler.importer import InputSpec
+    from canao.compiler.models import load_model
+    from canao.compiler.verify import verify_locally
+    from canao.nas.supernet import extract
+    from canao.workflow import can_run_locally
+
+    arch = ArchConfig.from_key(str(winner["arch"]))
+    folder = job.out / "winner"
+    model = extract(evaluator.supernet.model, arch)
+    model.save_pretrained(folder / "model")
+    evaluator.supernet.tokenizer.save_pretrained(folder / "model")
+    compiled = compile_model(load_model(model), job.target, "fast", InputSpec(1, job.seq))
+    if job.rpc is None and can_run_locally(compiled):
+        verify_locally(compiled)  # the shipped weights, checked against PyTorch
+    export_artifact(compiled, folder / "compiled")
+    report = {**summary, "arch": arch.to_dict(), "numerics": compiled.numerics}
+    (folder / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    return folder

@@ -1,0 +1,255 @@
+"""Latency of a candidate architecture: compiled, checked and measured, or predicted.
+
+:class:`LatencyEvaluator` builds the artifact canao would ship for an
+architecture (same pipeline, fusion and target as ``canao compile``), checks
+it against PyTorch, and times it under the latency protocol, locally or over
+TVM RPC. Latency does not depend on weight values, so a candidate is built
+with seeded random weights and cached by its architecture key.
+
+:class:`LatencyPredictor` is a per-kernel cost model fitted to those
+measurements: each fused kernel kind (packed dense, attention batch-matmul,
+softmax, layer norm / element-wise) costs ``a * work + b``, so a network's
+latency is linear in per-kind totals that follow from the architecture alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import BertConfig
+
+from canao.compiler.build import compile_model, export_library
+from canao.compiler.importer import INPUT_NAMES, InputSpec, example_inputs
+from canao.compiler.models import load_model
+from canao.compiler.pipelines import DEFAULT_PIPELINE
+from canao.compiler.verify import compare, verify, verify_locally
+from canao.latency.cache import LatencyCache
+from canao.latency.environment import default_threads
+from canao.latency.measure import Workload, measure
+from canao.latency.protocol import Protocol, measurement_key
+from canao.latency.rpc import RPCAddress, remote_runner
+from canao.nas.modeling import CanaoBertConfig, CanaoBertForSequenceClassification
+from canao.nas.space import ArchConfig
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    median_ms: float
+    cached: bool
+    build_s: float = 0.0
+    launches: int | None = None
+    max_abs_diff: float | None = None
+
+
+def arch_config(arch: ArchConfig, base: BertConfig, num_labels: int = 2) -> CanaoBertConfig:
+    """A full-size-per-layer config of ``arch`` (heads as real heads, not pruned slots)."""
+    arch.validate()
+    layers = arch.num_layers
+    slots = arch.hidden_size // arch.head_dim
+    return CanaoBertConfig(
+        vocab_size=base.vocab_size,
+        max_position_embeddings=base.max_position_embeddings,
+        type_vocab_size=base.type_vocab_size,
+        hidden_act=base.hidden_act,
+        layer_norm_eps=base.layer_norm_eps,
+        hidden_size=arch.hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=slots,
+        intermediate_size=max(arch.ffn),
+        layer_intermediate_sizes=list(arch.ffn),
+        pruned_heads={i: list(range(h, slots)) for i, h in enumerate(arch.heads) if h < slots},
+        num_labels=num_labels,
+    )
+
+
+def random_model(arch: ArchConfig, base: BertConfig) -> CanaoBertForSequenceClassification:
+    """``arch`` with seeded random weights: the latency workload (weights do not change it)."""
+    torch.manual_seed(0)
+    return CanaoBertForSequenceClassification(arch_config(arch, base)).eval()
+
+
+def arch_hash(arch: ArchConfig, base: BertConfig) -> str:
+    fields = (
+        f"{arch.key}|vocab{base.vocab_size}|pos{base.max_position_embeddings}|{base.hidden_act}"
+    )
+    return "arch-" + hashlib.sha256(fields.encode()).hexdigest()[:16]
+
+
+@dataclass
+class LatencyEvaluator:
+    """Compile -> verify -> measure one architecture, with a persistent cache."""
+
+    base: BertConfig
+    target: str = "x86"
+    pipeline: str = DEFAULT_PIPELINE
+    seq: int = 128
+    batch: int = 1
+    threads: int | None = None
+    protocol: Protocol = field(default_factory=lambda: Protocol(warmup=3, repeats=15))
+    rpc: RPCAddress | None = None
+    rpc_timeout_s: float = 20.0
+    cache: LatencyCache | None = None
+    in_process: bool = True
+
+    @property
+    def device(self) -> str:
+        return self.rpc.label if self.rpc else "local"
+
+    def cached(self, arch: ArchConfig) -> float | None:
+        """The median in ms if this architecture was measured before under the same settings."""
+        if self.cache is None:
+            return None
+        hit = self.cache.get(self._key(arch))
+        return None if hit is None else hit.median_ms
+
+    def __call__(self, arch: ArchConfig) -> LatencyResult:
+        known = self.cached(arch)
+        if known is not None:
+            return LatencyResult(known, cached=True)
+        loaded = load_model(random_model(arch, self.base))
+        spec = InputSpec(self.batch, self.seq)
+        compiled = compile_model(loaded, self.target, self.pipeline, spec)
+        inputs = example_inputs(self.base.vocab_size, self.batch, self.seq)
+        with tempfile.TemporaryDirectory(prefix="canao-candidate-") as tmp:
+            library = export_library(compiled, Path(tmp) / "model.so")
+            if self.rpc is not None:
+                runner = remote_runner(
+                    library, self.rpc, compiled.target.device_type, self.rpc_timeout_s
+                )
+                verify(compiled, lambda x: runner.run(x, INPUT_NAMES), self.rpc.label)
+            else:
+                verify_locally(compiled)
+            workload = Workload(
+                library=library,
+                model=arch.key,
+                model_hash=arch_hash(arch, self.base),
+                target=self.target,
+                pipeline=self.pipeline,
+                shapes=spec.shapes(),
+                input_names=INPUT_NAMES,
+                device_type=compiled.target.device_type,
+            )
+            run = measure(
+                workload,
+                inputs,
+                protocol=self.protocol,
+                threads=self.threads,
+                rpc=self.rpc,
+                cache=self.cache,
+                refresh=True,
+                rpc_timeout_s=self.rpc_timeout_s,
+                in_process=self.in_process and self.rpc is None,
+            )
+        diff = None
+        if run.output is not None:
+            diff = compare(compiled, run.output, inputs, self.device)["max_abs_diff"]
+        return LatencyResult(
+            run.measurement.median_ms,
+            cached=False,
+            build_s=compiled.build_seconds,
+            launches=compiled.kernels.kernel_launches,
+            max_abs_diff=diff,
+        )
+
+    def _key(self, arch: ArchConfig) -> str:
+        threads = self.threads if self.threads is not None else default_threads()
+        shapes = InputSpec(self.batch, self.seq).shapes()
+        return measurement_key(
+            arch_hash(arch, self.base), self.target, self.pipeline, shapes, threads, self.device
+        )
+
+
+# ---- the per-kernel cost model ----
+
+KERNEL_KINDS = ("dense", "attention", "softmax", "norm")
+# Register tile of the packed dense kernel (compiler/schedules/dense.py): work is
+# done in whole tiles, so padded FLOPs predict its time better than exact ones.
+_TILE_M, _TILE_N = 8, 32
+
+
+def _padded(value: int, multiple: int) -> int:
+    return math.ceil(value / multiple) * multiple
+
+
+def kernel_work(arch: ArchConfig, seq: int = 128, batch: int = 1) -> dict[str, tuple[float, int]]:
+    """Per kernel kind: (total work, kernel count) of one inference, from the architecture.
+
+    Work is padded multiply-adds for dense and attention products and
+    elements touched for softmax and norms. Counts follow the fused graph of
+    the ``fast`` pipeline: QKV as one dense, attention output, FFN in, FFN out;
+    two batched products per layer; one softmax; two residual+layer norms.
+    """
+    m = _padded(batch * seq, _TILE_M)
+    d = arch.hidden_size
+    totals = {kind: [0.0, 0] for kind in KERNEL_KINDS}
+
+    def add(kind: str, work: float, count: int = 1) -> None:
+        totals[kind][0] += work
+        totals[kind][1] += count
+
+    add("norm", batch * seq * d)  # embeddings' layer norm
+    for heads, ffn in zip(arch.heads, arch.ffn, strict=True):
+        inner = heads * arch.head_dim
+        for k, n in ((d, 3 * inner), (inner, d), (d, ffn), (ffn, d)):
+            add("dense", m * k * _padded(n, _TILE_N))
+        add("attention", 2 * batch * heads * seq * seq * arch.head_dim, 2)
+        add("softmax", batch * heads * seq * seq)
+        add("norm", 2 * batch * seq * d, 2)
+    add("dense", 2 * batch * d * d + batch * d * 2, 2)  # pooler and classifier
+    return {kind: (work, count) for kind, (work, count) in totals.items()}
+
+
+def features(arch: ArchConfig, seq: int = 128, batch: int = 1) -> np.ndarray:
+    """[work per kind..., kernels per kind..., 1]: the predictor is linear in these."""
+    work = kernel_work(arch, seq, batch)
+    return np.array(
+        [work[k][0] / 1e6 for k in KERNEL_KINDS] + [work[k][1] for k in KERNEL_KINDS] + [1.0]
+    )
+
+
+@dataclass
+class LatencyPredictor:
+    """Least-squares fit of per-kind costs to measured latencies (ms)."""
+
+    seq: int = 128
+    batch: int = 1
+    coef: np.ndarray | None = None
+
+    @property
+    def fitted(self) -> bool:
+        return self.coef is not None
+
+    def fit(self, archs: list[ArchConfig], latency_ms: list[float]) -> LatencyPredictor:
+        x = np.stack([features(a, self.seq, self.batch) for a in archs])
+        y = np.asarray(latency_ms, dtype=float)
+        # Relative error is what matters (a 1 ms miss on a 2 ms model is large): weight by 1/y.
+        w = 1.0 / y
+        self.coef = np.linalg.lstsq(x * w[:, None], y * w, rcond=None)[0]
+        return self
+
+    def predict(self, arch: ArchConfig) -> float:
+        if self.coef is None:
+            raise ValueError("predictor not fitted")
+        return float(features(arch, self.seq, self.batch) @ self.coef)
+
+    def holdout_mape(
+        self, archs: list[ArchConfig], latency_ms: list[float], folds: int = 5
+    ) -> float | None:
+        """Mean absolute percentage error on held-out folds (None below 2 * folds points)."""
+        if len(archs) < 2 * folds:
+            return None
+        errors = []
+        for fold in range(folds):
+            test = [i for i in range(len(archs)) if i % folds == fold]
+            train = [i for i in range(len(archs)) if i % folds != fold]
+            model = LatencyPredictor(self.seq, self.batch).fit(
+                [archs[i] for i in train], [latency_ms[i] for i in train]
+            )
+            errors += [abs(model.predict(archs[i]) / latency_ms[i] - 1) for i in test]
+        return float(np.mean(errors))

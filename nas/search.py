@@ -1,0 +1,320 @@
+"""The search loop: controller proposes, candidate is scored and measured, study records.
+
+The study lives in Optuna storage (SQLite by default, any database URL), so
+several worker processes or machines can share one search and a killed
+search resumes with every finished trial kept: controllers are Optuna
+samplers that rebuild their state from the trial history
+(:mod:`canao.nas.controllers`). A candidate whose evaluation raises (compile,
+numerics check, measurement) is recorded as a failed trial with its error,
+and the search goes on.
+
+Rewards (MnasNet, Tan et al. 2019), for accuracy ``A`` and latency ``T``
+against the target ``T0``:
+- ``soft``: ``A * (T / T0) ** w`` with ``w = -0.07``;
+- ``hard``: ``A`` when ``T <= T0``, else ``A * (T / T0) ** -1``;
+- ``pareto``: no scalar; the study has two objectives (accuracy up, latency down).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+import optuna
+import pandas as pd
+
+from canao.errors import CanaoError
+from canao.nas.controllers import make_sampler
+from canao.nas.latency import LatencyPredictor, LatencyResult
+from canao.nas.space import ArchConfig, SearchSpace
+
+OBJECTIVES = ("soft", "hard", "pareto")
+# Trials of a worker that died mid-evaluation: failed, but not counted against the budget.
+ABANDONED = "abandoned"
+
+
+class SearchConfigError(CanaoError):
+    """Settings that cannot work, or that contradict the stored study being resumed."""
+
+
+class CandidateEvaluator(Protocol):
+    def accuracy(self, arch: ArchConfig) -> float: ...
+
+    def latency(self, arch: ArchConfig) -> LatencyResult: ...
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    controller: str = "evolution"
+    trials: int = 20
+    objective: str = "soft"
+    latency_ms: float = 10.0
+    weight: float = -0.07
+    seed: int = 0
+    study_name: str = "canao-search"
+    # Skip (prune) a candidate whose predicted latency exceeds this multiple of the
+    # target, once the predictor has `predictor_min_points` measurements (None: never).
+    predictor_skip: float | None = None
+    predictor_min_points: int = 20
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise SearchConfigError(
+                f"unknown objective {self.objective!r}; choose from {', '.join(OBJECTIVES)}"
+            )
+        if not self.latency_ms > 0:
+            raise SearchConfigError(f"latency target must be positive, got {self.latency_ms} ms")
+        if self.trials < 1:
+            raise SearchConfigError(f"trials must be >= 1, got {self.trials}")
+
+
+def reward(
+    accuracy: float, latency_ms: float, target_ms: float, objective: str, weight: float
+) -> float:
+    """MnasNet's reward; see the module docstring."""
+    ratio = latency_ms / target_ms
+    if objective == "soft":
+        return accuracy * ratio**weight
+    if objective == "hard":
+        return accuracy if ratio <= 1 else accuracy / ratio
+    raise SearchConfigError(f"objective {objective!r} has no scalar reward")
+
+
+def open_study(storage: str | None, space: SearchSpace, settings: SearchSettings) -> optuna.Study:
+    """Create the study, or load it to resume; refuses to mix different spaces or objectives."""
+    multi = settings.objective == "pareto"
+    directions = ["maximize", "minimize"] if multi else ["maximize"]
+    sampler = make_sampler(settings.controller, space, seed=settings.seed, multi_objective=multi)
+    study = optuna.create_study(
+        storage=_storage(storage),
+        study_name=settings.study_name,
+        load_if_exists=True,
+        directions=directions,
+        sampler=sampler,
+    )
+    identity = {
+        "space": asdict(space),
+        "objective": settings.objective,
+        "latency_ms": settings.latency_ms,
+        "weight": settings.weight,
+    }
+    stored = study.user_attrs.get("canao")
+    if stored is None:
+        study.set_user_attr("canao", _jsonable(identity))
+    elif stored != _jsonable(identity):
+        raise SearchConfigError(
+            f"study {settings.study_name!r} in {storage} was started with different settings "
+            f"({stored}); use another --study-name or the same settings to resume"
+        )
+    return study
+
+
+def _storage(url: str | None) -> optuna.storages.BaseStorage | str | None:
+    """SQLite waits for a busy database instead of failing: several workers share one file."""
+    if url is None or not url.startswith("sqlite"):
+        return url
+    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def release_dead_trials(study: optuna.Study) -> int:
+    """Fail RUNNING trials of workers on this host that no longer exist (a killed search)."""
+    released = 0
+    host = socket.gethostname()
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        owner = str(trial.user_attrs.get("worker", ""))
+        name, _, pid = owner.rpartition(":")
+        if name != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        study._storage.set_trial_user_attr(trial._trial_id, ABANDONED, True)
+        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        released += 1
+    return released
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def budget_used(study: optuna.Study) -> int:
+    """Trials that count against ``--trials``: all but those abandoned by a dead worker."""
+    return sum(1 for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(ABANDONED))
+
+
+def run_search(
+    space: SearchSpace,
+    evaluator: CandidateEvaluator,
+    settings: SearchSettings,
+    storage: str | None = None,
+    *,
+    on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None,
+) -> optuna.Study:
+    """Run trials until the study holds ``settings.trials`` of them (shared by all workers)."""
+    study = open_study(storage, space, settings)
+    release_dead_trials(study)
+    predictor = LatencyPredictor()
+    while budget_used(study) < settings.trials:
+        trial = study.ask()
+        trial.set_user_attr("worker", worker_id())
+        _refit(predictor, study, settings)
+        _run_trial(study, trial, space, evaluator, settings, predictor)
+        if on_trial is not None:
+            on_trial(study.get_trials(deepcopy=False)[-1])
+    return study
+
+
+def _run_trial(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    space: SearchSpace,
+    evaluator: CandidateEvaluator,
+    settings: SearchSettings,
+    predictor: LatencyPredictor,
+) -> None:
+    try:
+        params = {
+            name: trial.suggest_categorical(name, list(choices))
+            for name, choices in space.dimensions().items()
+        }
+        arch = space.decode(params)
+        trial.set_user_attr("arch", arch.key)
+        trial.set_user_attr("params_m", round(arch.encoder_params() / 1e6, 3))
+        predicted = predictor.predict(arch) if predictor.fitted else None
+        if predicted is not None:
+            trial.set_user_attr("predicted_ms", round(predicted, 4))
+        if _hopeless(predicted, settings):
+            trial.set_user_attr("skipped", "predicted latency over the limit")
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return
+        accuracy, measured = _evaluate(study, evaluator, arch)
+        trial.set_user_attr("accuracy", accuracy)
+        trial.set_user_attr("latency_ms", measured.median_ms)
+        trial.set_user_attr("latency_cached", measured.cached)
+        if measured.build_s:
+            trial.set_user_attr("build_s", round(measured.build_s, 2))
+        study.tell(trial, _values(accuracy, measured.median_ms, settings))
+    except KeyboardInterrupt:
+        trial.set_user_attr("error", "interrupted")
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        raise
+    except Exception as err:  # a failed candidate must not end the search
+        trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:2000])
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+
+def _hopeless(predicted: float | None, settings: SearchSettings) -> bool:
+    if predicted is None or settings.predictor_skip is None:
+        return False
+    return predicted > settings.predictor_skip * settings.latency_ms
+
+
+def _evaluate(
+    study: optuna.Study, evaluator: CandidateEvaluator, arch: ArchConfig
+) -> tuple[float, LatencyResult]:
+    """Score ``arch``, reusing an earlier trial of the same architecture (controllers repeat)."""
+    for done in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if done.user_attrs.get("arch") == arch.key:
+            return done.user_attrs["accuracy"], LatencyResult(
+                done.user_attrs["latency_ms"], cached=True
+            )
+    return evaluator.accuracy(arch), evaluator.latency(arch)
+
+
+def _values(accuracy: float, latency_ms: float, settings: SearchSettings) -> list[float]:
+    if settings.objective == "pareto":
+        return [accuracy, latency_ms]
+    return [reward(accuracy, latency_ms, settings.latency_ms, settings.objective, settings.weight)]
+
+
+def _refit(predictor: LatencyPredictor, study: optuna.Study, settings: SearchSettings) -> None:
+    archs, latency = measured_points(study)
+    if len(archs) >= settings.predictor_min_points:
+        predictor.fit(archs, latency)
+
+
+def measured_points(study: optuna.Study) -> tuple[list[ArchConfig], list[float]]:
+    """Distinct measured architectures and their latencies (the predictor's training data)."""
+    seen: dict[str, float] = {}
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        key, latency = trial.user_attrs.get("arch"), trial.user_attrs.get("latency_ms")
+        if key and latency and key not in seen:
+            seen[key] = float(latency)
+    return [ArchConfig.from_key(k) for k in seen], list(seen.values())
+
+
+# ---- results ----
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial: architecture, accuracy, measured and predicted latency, outcome."""
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        attrs = trial.user_attrs
+        rows.append(
+            {
+                "trial": trial.number,
+                "state": trial.state.name,
+                "arch": attrs.get("arch"),
+                "params_m": attrs.get("params_m"),
+                "accuracy": attrs.get("accuracy"),
+                "latency_ms": attrs.get("latency_ms"),
+                "predicted_ms": attrs.get("predicted_ms"),
+                "reward": trial.values[0] if trial.values and len(trial.values) == 1 else None,
+                "worker": attrs.get("worker"),
+                "error": attrs.get("error") or attrs.get("skipped"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def pareto_front(frame: pd.DataFrame) -> pd.DataFrame:
+    """Completed, distinct architectures not beaten on both accuracy and latency."""
+    done = frame[frame["state"] == "COMPLETE"].drop_duplicates("arch")
+    done = done.sort_values(["latency_ms", "accuracy"], ascending=[True, False])
+    keep, best = [], -math.inf
+    for index, row in done.iterrows():
+        if row["accuracy"] > best:
+            keep.append(index)
+            best = row["accuracy"]
+    return done.loc[keep].reset_index(drop=True)
+
+
+def best_trial(frame: pd.DataFrame, settings: SearchSettings) -> pd.Series:
+    """The winner: best reward; for Pareto, the most accurate within the target (else fastest)."""
+    done = frame[frame["state"] == "COMPLETE"]
+    if done.empty:
+        raise SearchConfigError("no trial completed: nothing to pick a winner from")
+    if settings.objective != "pareto":
+        return done.loc[done["reward"].idxmax()]
+    within = done[done["latency_ms"] <= settings.latency_ms]
+    if within.empty:
+        return done.loc[done["latency_ms"].idxmin()]
+    return within.sort_values(["accuracy", "latency_ms"], ascending=[False, True]).iloc[0]
+
+
+def predictor_report(study: optuna.Study) -> dict[str, object]:
+    """Held-out error of the latency predictor on this study's measurements."""
+    archs, latency = measured_points(study)
+    mape = LatencyPredictor().holdout_mape(archs, latency)
+    return {"points": len(archs), "holdout_mape": mape}

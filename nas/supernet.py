@@ -1,0 +1,336 @@
+"""Weight-sharing super-network over the search space (DynaBERT / HAT style).
+
+The super-network *is* the teacher's ``BertForSequenceClassification``; a
+sub-network is a slice of its weights:
+- depth ``L``: the first ``L`` layers;
+- hidden size ``d``: the first ``d`` channels of the residual stream (every
+  embedding, layer norm, projection and the pooler are sliced alike);
+- heads ``h`` in a layer: the first ``h`` heads (rows of Q/K/V, columns of the
+  attention output);
+- FFN size ``f``: the first ``f`` neurons.
+
+"First" is made meaningful by :func:`reorder_by_importance`, which permutes
+heads, neurons and hidden channels so the most important come first; the
+permutation leaves the full network's function unchanged (tested), so the
+largest sub-network is exactly the teacher. :func:`subnet_logits` runs a
+sub-network straight from the shared weights (gradients flow into them, which
+is how the super-network is trained); :func:`extract` copies the same slices
+into a standalone :class:`~canao.nas.modeling.CanaoBertForSequenceClassification`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import BertForSequenceClassification
+from transformers.activations import ACT2FN
+
+from canao.nas.modeling import CanaoBertConfig, CanaoBertForSequenceClassification
+from canao.nas.space import ArchConfig, InvalidArchitectureError
+
+
+@dataclass
+class Masks:
+    """Multiplicative masks of ones whose gradients give first-order importance (Michel et al.)."""
+
+    heads: torch.Tensor  # [layers, heads]
+    neurons: torch.Tensor  # [layers, ffn]
+    hidden: torch.Tensor  # [hidden]
+
+    @classmethod
+    def ones(cls, model: BertForSequenceClassification) -> Masks:
+        cfg = model.config
+        return cls(
+            torch.ones(cfg.num_hidden_layers, cfg.num_attention_heads, requires_grad=True),
+            torch.ones(cfg.num_hidden_layers, cfg.intermediate_size, requires_grad=True),
+            torch.ones(cfg.hidden_size, requires_grad=True),
+        )
+
+
+def full_arch(model: BertForSequenceClassification) -> ArchConfig:
+    """The teacher itself as an architecture (the super-network's largest point)."""
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    layers = cfg.num_hidden_layers
+    return ArchConfig(
+        cfg.hidden_size,
+        (cfg.num_attention_heads,) * layers,
+        (cfg.intermediate_size,) * layers,
+        head_dim,
+    )
+
+
+def check_fits(model: BertForSequenceClassification, arch: ArchConfig) -> None:
+    """Raise unless ``arch`` is a slice of ``model`` (same head dim, nothing larger)."""
+    arch.validate()
+    full = full_arch(model)
+    problems = []
+    if arch.head_dim != full.head_dim:
+        problems.append(f"head dim {arch.head_dim} != teacher's {full.head_dim}")
+    if arch.num_layers > full.num_layers:
+        problems.append(f"{arch.num_layers} layers > teacher's {full.num_layers}")
+    if arch.hidden_size > full.hidden_size:
+        problems.append(f"hidden {arch.hidden_size} > teacher's {full.hidden_size}")
+    if max(arch.heads) > full.heads[0]:
+        problems.append(f"{max(arch.heads)} heads > teacher's {full.heads[0]}")
+    if max(arch.ffn) > full.ffn[0]:
+        problems.append(f"FFN {max(arch.ffn)} > teacher's {full.ffn[0]}")
+    if problems:
+        raise InvalidArchitectureError(f"{arch.key} is not a sub-network: " + "; ".join(problems))
+
+
+def _layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm, d: int) -> torch.Tensor:
+    return F.layer_norm(x, (d,), norm.weight[:d], norm.bias[:d], norm.eps)
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    return F.dropout(x, p, training) if training and p > 0 else x
+
+
+def subnet_logits(
+    model: BertForSequenceClassification,
+    arch: ArchConfig,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    token_type_ids: torch.Tensor | None = None,
+    *,
+    masks: Masks | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Logits of sub-network ``arch``, computed from slices of ``model``'s weights."""
+    bert, d, hd = model.bert, arch.hidden_size, arch.head_dim
+    training = dropout > 0 and model.training
+    x = _embed(bert.embeddings, input_ids, token_type_ids, d)
+    x = _dropout(_hidden_masked(x, masks, d), dropout, training)
+    # Additive mask as BertModel builds it for SDPA: 0 where attended, dtype-min where padded.
+    additive = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+    act = ACT2FN[model.config.hidden_act]
+    for index in range(arch.num_layers):
+        layer = bert.encoder.layer[index]
+        heads, ffn = arch.heads[index], arch.ffn[index]
+        attended = _attention(layer.attention.self, x, additive, heads, hd, d)
+        if masks is not None:
+            attended = attended * masks.heads[index, :heads].repeat_interleave(hd)
+        out = layer.attention.output
+        a = F.linear(attended, out.dense.weight[:d, : heads * hd], out.dense.bias[:d])
+        x = _hidden_masked(
+            _layer_norm(_dropout(a, dropout, training) + x, out.LayerNorm, d), masks, d
+        )
+        inner = layer.intermediate.dense
+        f = act(F.linear(x, inner.weight[:ffn, :d], inner.bias[:ffn]))
+        if masks is not None:
+            f = f * masks.neurons[index, :ffn]
+        out = layer.output
+        o = F.linear(f, out.dense.weight[:d, :ffn], out.dense.bias[:d])
+        x = _hidden_masked(
+            _layer_norm(_dropout(o, dropout, training) + x, out.LayerNorm, d), masks, d
+        )
+    pooler = bert.pooler.dense
+    pooled = torch.tanh(F.linear(x[:, 0], pooler.weight[:d, :d], pooler.bias[:d]))
+    classifier = model.classifier
+    return F.linear(_dropout(pooled, dropout, training), classifier.weight[:, :d], classifier.bias)
+
+
+def _embed(
+    embeddings: torch.nn.Module, ids: torch.Tensor, types: torch.Tensor | None, d: int
+) -> torch.Tensor:
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    types = torch.zeros_like(ids) if types is None else types
+    x = (
+        F.embedding(ids, embeddings.word_embeddings.weight[:, :d])
+        + F.embedding(positions, embeddings.position_embeddings.weight[:, :d])
+        + F.embedding(types, embeddings.token_type_embeddings.weight[:, :d])
+    )
+    return _layer_norm(x, embeddings.LayerNorm, d)
+
+
+def _hidden_masked(x: torch.Tensor, masks: Masks | None, d: int) -> torch.Tensor:
+    return x if masks is None else x * masks.hidden[:d]
+
+
+def _attention(
+    attn: torch.nn.Module, x: torch.Tensor, additive: torch.Tensor, heads: int, hd: int, d: int
+) -> torch.Tensor:
+    batch, seq, _ = x.shape
+    inner = heads * hd
+
+    def project(linear: torch.nn.Linear) -> torch.Tensor:
+        y = F.linear(x, linear.weight[:inner, :d], linear.bias[:inner])
+        return y.view(batch, seq, heads, hd).transpose(1, 2)
+
+    q, k, v = project(attn.query), project(attn.key), project(attn.value)
+    context = F.scaled_dot_product_attention(q, k, v, attn_mask=additive)
+    return context.transpose(1, 2).reshape(batch, seq, inner)
+
+
+# ---- extraction: the same slices as a standalone transformers BERT ----
+
+
+def sub_config(model: BertForSequenceClassification, arch: ArchConfig) -> CanaoBertConfig:
+    """Config of the extracted model: smaller sizes, pruned heads, per-layer FFN sizes."""
+    check_fits(model, arch)
+    base = model.config.to_dict()
+    for field in ("model_type", "architectures", "transformers_version", "_name_or_path"):
+        base.pop(field, None)
+    slots = arch.hidden_size // arch.head_dim  # heads a layer of this hidden size can hold
+    base.update(
+        hidden_size=arch.hidden_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=slots,
+        intermediate_size=max(arch.ffn),
+        layer_intermediate_sizes=list(arch.ffn),
+        pruned_heads={i: list(range(h, slots)) for i, h in enumerate(arch.heads) if h < slots},
+    )
+    return CanaoBertConfig(**base)
+
+
+def sliced_state(model: BertForSequenceClassification, arch: ArchConfig) -> dict[str, torch.Tensor]:
+    """State dict of the sub-network, named as in ``CanaoBertForSequenceClassification``."""
+    d, hd = arch.hidden_size, arch.head_dim
+    state: dict[str, torch.Tensor] = {}
+    cuts: dict[str, tuple[slice, ...]] = {
+        "bert.embeddings.word_embeddings.weight": (slice(None), slice(d)),
+        "bert.embeddings.position_embeddings.weight": (slice(None), slice(d)),
+        "bert.embeddings.token_type_embeddings.weight": (slice(None), slice(d)),
+        "bert.embeddings.LayerNorm.weight": (slice(d),),
+        "bert.embeddings.LayerNorm.bias": (slice(d),),
+        "bert.pooler.dense.weight": (slice(d), slice(d)),
+        "bert.pooler.dense.bias": (slice(d),),
+        "classifier.weight": (slice(None), slice(d)),
+        "classifier.bias": (slice(None),),
+    }
+    for i, (heads, ffn) in enumerate(zip(arch.heads, arch.ffn, strict=True)):
+        p, inner = f"bert.encoder.layer.{i}.", heads * hd
+        for proj in ("query", "key", "value"):
+            cuts[f"{p}attention.self.{proj}.weight"] = (slice(inner), slice(d))
+            cuts[f"{p}attention.self.{proj}.bias"] = (slice(inner),)
+        cuts[f"{p}attention.output.dense.weight"] = (slice(d), slice(inner))
+        cuts[f"{p}intermediate.dense.weight"] = (slice(ffn), slice(d))
+        cuts[f"{p}intermediate.dense.bias"] = (slice(ffn),)
+        cuts[f"{p}output.dense.weight"] = (slice(d), slice(ffn))
+        for norm in ("attention.output.dense.bias", "output.dense.bias"):
+            cuts[f"{p}{norm}"] = (slice(d),)
+        for norm in ("attention.output.LayerNorm", "output.LayerNorm"):
+            cuts[f"{p}{norm}.weight"] = (slice(d),)
+            cuts[f"{p}{norm}.bias"] = (slice(d),)
+    full = model.state_dict()
+    for name, cut in cuts.items():
+        state[name] = full[name][cut].clone()
+    return state
+
+
+def extract(
+    model: BertForSequenceClassification, arch: ArchConfig
+) -> CanaoBertForSequenceClassification:
+    """Sub-network ``arch`` as a standalone model (eval mode), equal to :func:`subnet_logits`."""
+    sub = CanaoBertForSequenceClassification(sub_config(model, arch))
+    missing, unexpected = sub.load_state_dict(sliced_state(model, arch), strict=False)
+    # Only buffers BertModel rebuilds itself (position/token-type id tables) may be absent.
+    weights_missing = [m for m in missing if not m.endswith(("position_ids", "token_type_ids"))]
+    if weights_missing or unexpected:
+        raise InvalidArchitectureError(
+            f"extracting {arch.key}: missing {weights_missing}, unexpected {unexpected}"
+        )
+    return sub.eval()
+
+
+# ---- importance and reordering ----
+
+
+@dataclass
+class Importance:
+    """Scores per head, FFN neuron and hidden channel (higher = keep first)."""
+
+    heads: torch.Tensor  # [layers, heads]
+    neurons: torch.Tensor  # [layers, ffn]
+    hidden: torch.Tensor  # [hidden]
+
+
+def first_order_importance(
+    model: BertForSequenceClassification,
+    batches: list[tuple[Mapping[str, torch.Tensor], torch.Tensor]],
+) -> Importance:
+    """|dL/dmask| summed over batches: the change in task loss from removing each unit.
+
+    This is the head importance of Michel et al. (2019) that DynaBERT uses,
+    applied alike to FFN neurons and hidden channels.
+    """
+    arch = full_arch(model)
+    masks = Masks.ones(model)
+    totals = Importance(*(torch.zeros_like(m) for m in (masks.heads, masks.neurons, masks.hidden)))
+    model.eval()
+    for inputs, labels in batches:
+        logits = subnet_logits(
+            model,
+            arch,
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            inputs.get("token_type_ids"),
+            masks=masks,
+        )
+        loss = F.cross_entropy(logits, labels)
+        grads = torch.autograd.grad(loss, [masks.heads, masks.neurons, masks.hidden])
+        totals.heads += grads[0].abs()
+        totals.neurons += grads[1].abs()
+        totals.hidden += grads[2].abs()
+    return totals
+
+
+@torch.no_grad()
+def reorder_by_importance(model: BertForSequenceClassification, importance: Importance) -> None:
+    """Permute heads, neurons and hidden channels (in place) so that important ones come first.
+
+    Every permutation is applied to both sides of the weights it touches, so
+    the full network computes exactly the same function as before.
+    """
+    hd = model.config.hidden_size // model.config.num_attention_heads
+    for index, layer in enumerate(model.bert.encoder.layer):
+        heads = torch.argsort(importance.heads[index], descending=True, stable=True)
+        rows = (heads[:, None] * hd + torch.arange(hd)).reshape(-1)
+        for proj in (
+            layer.attention.self.query,
+            layer.attention.self.key,
+            layer.attention.self.value,
+        ):
+            _permute(proj.weight, rows, 0)
+            _permute(proj.bias, rows, 0)
+        _permute(layer.attention.output.dense.weight, rows, 1)
+        neurons = torch.argsort(importance.neurons[index], descending=True, stable=True)
+        _permute(layer.intermediate.dense.weight, neurons, 0)
+        _permute(layer.intermediate.dense.bias, neurons, 0)
+        _permute(layer.output.dense.weight, neurons, 1)
+    _permute_hidden(model, torch.argsort(importance.hidden, descending=True, stable=True))
+
+
+def _permute(tensor: torch.Tensor, order: torch.Tensor, dim: int) -> None:
+    tensor.copy_(tensor.index_select(dim, order))
+
+
+def _permute_hidden(model: BertForSequenceClassification, order: torch.Tensor) -> None:
+    """The residual stream's channels: every tensor that reads or writes it."""
+    emb = model.bert.embeddings
+    for table in (emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings):
+        _permute(table.weight, order, 1)
+    _permute(emb.LayerNorm.weight, order, 0)
+    _permute(emb.LayerNorm.bias, order, 0)
+    for layer in model.bert.encoder.layer:
+        for proj in (
+            layer.attention.self.query,
+            layer.attention.self.key,
+            layer.attention.self.value,
+        ):
+            _permute(proj.weight, order, 1)
+        for writer in (layer.attention.output, layer.output):
+            _permute(writer.dense.weight, order, 0)
+            _permute(writer.dense.bias, order, 0)
+            _permute(writer.LayerNorm.weight, order, 0)
+            _permute(writer.LayerNorm.bias, order, 0)
+        _permute(layer.intermediate.dense.weight, order, 1)
+    pooler = model.bert.pooler.dense
+    _permute(pooler.weight, order, 0)
+    _permute(pooler.weight, order, 1)
+    _permute(pooler.bias, order, 0)
+    _permute(model.classifier.weight, order, 1)

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import BertConfig
+
+from canao.cli import main
+from canao.latency.cache import LatencyCache
+from canao.nas.latency import LatencyEvaluator
+from canao.nas.space import ArchConfig
+
+TINY_BASE = BertConfig(vocab_size=1000, max_position_embeddings=64)
+
+
+def test_candidates_are_compiled_checked_measured_and_cached(tmp_path: Path) -> None:
+    evaluator = LatencyEvaluator(
+        TINY_BASE, seq=16, threads=1, cache=LatencyCache(tmp_path / "l.db")
+    )
+    small, large = ArchConfig(32, (1,), (64,), 16), ArchConfig(64, (4, 2), (256, 128), 16)
+    first = evaluator(small)
+    assert not first.cached and first.median_ms > 0 and first.build_s > 0
+    assert first.max_abs_diff is not None and first.max_abs_diff < 1e-4
+    assert first.launches is not None and first.launches > 5
+    again = evaluator(small)
+    assert again.cached and again.median_ms == first.median_ms
+    assert evaluator.cached(large) is None
+    assert evaluator(large).median_ms > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--controller", "bayes"], "unknown controller 'bayes'"),
+        (["--controller", "rl", "--objective", "pareto"], "needs a scalar reward"),
+        (["--latency-ms", "-1"], "latency target must be positive"),
+        (["--task", "no-such-task"], "unknown task 'no-such-task'"),
+        (["--target", "riscv"], "unknown target 'riscv'"),
+    ],
+)
+def test_bad_search_options_fail_before_any_training(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["search", "-o", str(tmp_path / "out"), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_search_end_to_end_on_offline_data(tmp_path: Path) -> None:
+    out = tmp_path / "search"
+    common = [
+        "search", "--teacher-examples", "64", "--supernet-steps", "2", "--dev-limit", "40",
+        "--seq", "32", "-o", str(out),
+    ]  # fmt: skip
+    assert main([*common, "--trials", "3"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["job"]["task"] == "movie-reviews"
+    assert summary["trials"] == {"COMPLETE": 3}
+    for name in ("trials.csv", "pareto.csv", "pareto.png", "study.db"):
+        assert (out / name).is_file(), name
+    winner = out / "winner"
+    assert (winner / "model" / "model.safetensors").is_file()
+    assert (winner / "compiled" / "model.so").is_file()
+    report = json.loads((winner / "report.json").read_text())
+    assert report["numerics"]["max_abs_diff"] <= report["numerics"]["tolerance"]
+    # Rerunning with a larger budget resumes the stored study.
+    assert main([*common, "--trials", "5", "--no-export"]) == 0
+    assert json.loads((out / "summary.json").read_text())["trials"] == {"COMPLETE": 5}

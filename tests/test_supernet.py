@@ -1,0 +1,151 @@
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizerFast,
+)
+
+from canao.compiler.build import compile_model
+from canao.compiler.importer import InputSpec
+from canao.compiler.models import load_model, minilm_path
+from canao.compiler.verify import verify_locally
+from canao.nas import supernet as sn
+from canao.nas.distill import SupernetConfig, dev_accuracy, distillation_loss, train_supernet
+from canao.nas.space import ArchConfig, InvalidArchitectureError, SearchSpace
+from canao.nas.tasks import Split
+
+TINY = BertConfig(
+    hidden_size=64,
+    num_attention_heads=4,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    vocab_size=30522,
+    max_position_embeddings=64,
+)
+
+
+def tiny_teacher(seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(TINY).eval()
+
+
+def batch() -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    ids = torch.randint(0, 30522, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # padding must be respected
+    types = torch.zeros_like(ids)
+    types[:, 6:] = 1  # sentence pairs
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def sliced(model: BertForSequenceClassification, arch: ArchConfig, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return sn.subnet_logits(
+            model, arch, inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"]
+        )
+
+
+def test_largest_subnetwork_is_the_teacher() -> None:
+    model, inputs = tiny_teacher(), batch()
+    assert torch.allclose(
+        sliced(model, sn.full_arch(model), inputs), logits(model, inputs), atol=1e-5
+    )
+
+
+def test_reordering_keeps_the_function_and_puts_important_units_first() -> None:
+    model, inputs = tiny_teacher(), batch()
+    before = logits(model, inputs)
+    importance = sn.first_order_importance(model, [(inputs, torch.tensor([0, 1, 1]))])
+    assert importance.heads.shape == (3, 4) and (importance.heads >= 0).all()
+    assert importance.neurons.shape == (3, 128) and importance.hidden.shape == (64,)
+    sn.reorder_by_importance(model, importance)
+    assert torch.allclose(logits(model, inputs), before, atol=1e-5)
+    again = sn.first_order_importance(model, [(inputs, torch.tensor([0, 1, 1]))])
+    for scores in (again.heads[0], again.neurons[1], again.hidden):
+        assert torch.all(scores[:-1] >= scores[1:] - 1e-6 * scores.max())  # now descending
+
+
+def test_extraction_equals_slicing_and_reloads(tmp_path: Path) -> None:
+    model, inputs = tiny_teacher(), batch()
+    space = SearchSpace.from_teacher(TINY)
+    rng = random.Random(0)
+    for _ in range(6):
+        arch = space.sample(rng)
+        sub = sn.extract(model, arch)
+        assert sub.config.num_hidden_layers == arch.num_layers
+        assert [layer.intermediate.dense.out_features for layer in sub.bert.encoder.layer] == list(
+            arch.ffn
+        )
+        assert [
+            layer.attention.self.num_attention_heads for layer in sub.bert.encoder.layer
+        ] == list(arch.heads)
+        assert torch.allclose(logits(sub, inputs), sliced(model, arch, inputs), atol=1e-5)
+    sub.save_pretrained(tmp_path)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(reloaded, inputs), logits(sub, inputs))
+    via_canao = load_model(tmp_path, head="classification").module
+    assert torch.equal(logits(via_canao, inputs), logits(sub, inputs))
+
+
+def test_extracted_subnetwork_compiles_and_matches_pytorch() -> None:
+    model = tiny_teacher()
+    arch = ArchConfig(48, (1, 3), (64, 128), 16)
+    compiled = compile_model(load_model(sn.extract(model, arch)), "x86", "fast", InputSpec(1, 16))
+    verify_locally(compiled)  # raises NumericsMismatchError otherwise
+    assert compiled.numerics["max_abs_diff"] <= compiled.numerics["tolerance"]
+
+
+def test_a_larger_architecture_is_not_a_subnetwork() -> None:
+    with pytest.raises(InvalidArchitectureError, match=r"not a sub-network.*5 heads > teacher's 4"):
+        sn.extract(tiny_teacher(), ArchConfig(80, (5,), (64,), 16))
+    with pytest.raises(InvalidArchitectureError, match="head dim 32"):
+        sn.extract(tiny_teacher(), ArchConfig(64, (2,), (64,), 32))
+
+
+def test_distillation_loss_is_zero_gradient_at_the_teacher() -> None:
+    teacher = torch.tensor([[2.0, -1.0], [0.5, 0.3]])
+    student = teacher.clone().requires_grad_(True)
+    distillation_loss(student, teacher, 2.0).backward()
+    assert student.grad is not None and student.grad.abs().max() < 1e-6
+
+
+def _teacher_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "teacher"
+    tiny_teacher().save_pretrained(folder)
+    BertTokenizerFast.from_pretrained(str(minilm_path())).save_pretrained(folder)
+    return folder
+
+
+def test_supernet_training_is_cached_and_scores_subnetworks(tmp_path: Path) -> None:
+    teacher = _teacher_folder(tmp_path)
+    texts = tuple((f"a {'good' if i % 2 else 'bad'} film number {i}",) for i in range(64))
+    train = Split(texts, tuple(i % 2 for i in range(64)))
+    config = SupernetConfig(steps=3, batch_size=8, importance_batches=2, dropout=0.0)
+    steps: list[int] = []
+    first = train_supernet(
+        teacher, train, "toy", config=config, progress=lambda i, n, loss: steps.append(i)
+    )
+    assert steps == [1, 2, 3] and first.path is not None
+    assert len(first.info["loss_log"]) == 2  # steps 0 and the last
+    second = train_supernet(
+        teacher, train, "toy", config=config, progress=lambda *a: steps.append(-1)
+    )
+    assert steps == [1, 2, 3]  # loaded from the cache, not retrained
+    assert second.space == first.space
+    for name, tensor in first.model.state_dict().items():
+        assert torch.equal(tensor, second.model.state_dict()[name]), name
+    accuracy = dev_accuracy(second, second.space.smallest(), train)
+    assert 0.0 <= accuracy <= 1.0
