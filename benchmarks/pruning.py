@@ -1,0 +1,90 @@
+"""AE-BERT, oBERT and magnitude pruning on SST-2 and RTE dev, measured with canao's compiler.
+
+For each task, method and ratio: prune the cached fine-tuned MiniLM-L6 teacher
+(structured: heads and FFN neurons, one-shot, then the same distillation
+fine-tuning budget for every method), score dev accuracy, compile the pruned
+model with the ``fast`` pipeline (checked against its PyTorch output) and time
+it interleaved with the teacher in one process. One oBERT unstructured row per
+task shows size without speed.
+
+    python benchmarks/pruning.py [--tasks sst2,rte] [--ratios 0.3,0.5,0.7] [--steps 60]
+
+Prints the table; writes benchmarks/results/pruning.{csv,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("TVM_NUM_THREADS", "1")  # before TVM starts
+
+import pandas as pd
+from _results import header, publish
+
+from canao.nas.distill import cache_root
+from canao.nas.prune import PruneConfig
+from canao.nas.prune_job import PruneJob, run_prune
+
+
+def row(task: str, config: PruneConfig, report: dict) -> dict[str, object]:
+    pruned, teacher, latency = report["pruned"], report["teacher"], report["latency"]
+    return {
+        "task": task,
+        "method": config.method,
+        "granularity": config.granularity,
+        "ratio": config.ratio,
+        "dev_accuracy": pruned["accuracy"],
+        "teacher_accuracy": teacher["accuracy"],
+        "encoder_nonzero_m": pruned["encoder_nonzero"] / 1e6,
+        "params_m": pruned["params"] / 1e6,
+        "sparse_mb": pruned["sparse_mb"],
+        "latency_ms": latency["median_ms"]["pruned"],
+        "teacher_ms": latency["median_ms"]["teacher"],
+        "speedup": latency["speedup"],
+        "arch": report["arch"],
+        "layer_ratios": report["layer_ratios"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", default="sst2,rte")
+    parser.add_argument("--methods", default="aebert,obert,magnitude")
+    parser.add_argument("--ratios", default="0.3,0.5,0.7")
+    parser.add_argument("--steps", type=int, default=60, help="fine-tuning steps after pruning")
+    args = parser.parse_args()
+    rows = []
+    for task in args.tasks.split(","):
+        runs = [
+            PruneConfig(method=m, ratio=float(r), finetune_steps=args.steps, fisher_batches=16)
+            for m in args.methods.split(",")
+            for r in args.ratios.split(",")
+        ]
+        runs.append(
+            PruneConfig(
+                method="obert",
+                ratio=0.5,
+                granularity="unstructured",
+                finetune_steps=args.steps,
+                fisher_batches=16,
+            )
+        )
+        for config in runs:
+            out = (
+                cache_root()
+                / "bench-prune"
+                / f"{task}-{config.method}-{config.granularity}-{config.ratio}"
+            )
+            print(f"{task}: {config.method} {config.granularity} {config.ratio}", flush=True)
+            report = run_prune(PruneJob(task=task, config=config, out=out), log=lambda m: None)
+            rows.append(row(task, config, report))
+            print(rows[-1], flush=True)
+    table = pd.DataFrame(rows)
+    shown = table.drop(columns=["layer_ratios"]).round(4)
+    detail = f"MiniLM-L6 teachers, seq 128, 1 thread, {args.steps} distillation steps after pruning"
+    publish(table, shown, "pruning", f"Pruning on dev. {header(detail)}")
+
+
+if __name__ == "__main__":
+    main()

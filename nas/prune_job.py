@@ -1,0 +1,148 @@
+"""``canao prune`` end to end: teacher -> prune -> dev accuracy -> compile, check, time -> report.
+
+The pruned model is saved as a Hugging Face checkpoint, compiled with canao's
+default pipeline, checked against its own PyTorch output, and timed under the
+latency protocol beside the teacher in the same process (same threads), so
+the report's speed-up is a side-by-side ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from canao.nas.distill import load_teacher
+from canao.nas.finetune import FinetuneConfig, finetune
+from canao.nas.prune import PruneConfig, PruneResult, prune, split_accuracy
+from canao.nas.tasks import load_task
+
+Log = Callable[[str], None]
+
+# Sentence pairs (RTE) need longer inputs than single sentences (SST-2).
+PAIR_MAX_LENGTH = 128
+
+
+@dataclass(frozen=True)
+class PruneJob:
+    task: str = "rte"
+    config: PruneConfig = field(default_factory=PruneConfig)
+    out: Path = Path("canao-prune")
+    seq: int = 128
+    threads: int = 1
+    teacher_examples: int | None = None
+    teacher_epochs: int | None = None  # None: 1 for large tasks, 3 below 10k examples
+    measure: bool = True
+
+
+def teacher_for(job: PruneJob, log: Log) -> Path:
+    data = load_task(job.task)
+    pairs = data["train"].is_pair
+    epochs = job.teacher_epochs or (3 if len(data["train"]) < 10_000 else 1)
+    log(f"teacher: MiniLM-L6 fine-tuned on {job.task} ({epochs} epochs; cached)")
+    return finetune(
+        FinetuneConfig(
+            task=job.task,
+            epochs=epochs,
+            max_length=PAIR_MAX_LENGTH if pairs else 64,
+            train_limit=job.teacher_examples,
+        ),
+        log=False,
+    )
+
+
+def run_prune(job: PruneJob, log: Log = print) -> dict[str, object]:
+    """Prune, score, compile, time; returns (and writes) the report."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(job.threads))
+    data = load_task(job.task)
+    config = job.config
+    if data["train"].is_pair and config.max_length < PAIR_MAX_LENGTH:
+        config = PruneConfig(**{**asdict(config), "max_length": PAIR_MAX_LENGTH})
+    teacher_path = teacher_for(job, log)
+    teacher, tokenizer = load_teacher(teacher_path)
+    result = prune(teacher, tokenizer, data["train"], config, progress=log)
+    job.out.mkdir(parents=True, exist_ok=True)
+    result.model.save_pretrained(job.out / "model")
+    tokenizer.save_pretrained(job.out / "model")
+    report: dict[str, object] = {
+        "task": job.task,
+        "config": asdict(config),
+        "arch": result.arch.key,
+        "layer_ratios": result.layer_ratios,
+        "teacher": {
+            "accuracy": split_accuracy(teacher, tokenizer, data["dev"], config.max_length),
+            **size_report(teacher, None),
+        },
+        "pruned": {
+            "accuracy": split_accuracy(result.model, tokenizer, data["dev"], config.max_length),
+            **size_report(result.model, result),
+        },
+        "log": result.log,
+    }
+    if job.measure:
+        report["latency"] = compile_and_time({"teacher": teacher, "pruned": result.model}, job)
+    (job.out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    _say_summary(report, log)
+    return report
+
+
+def size_report(model: torch.nn.Module, result: PruneResult | None) -> dict[str, object]:
+    """Parameters, non-zeros, and bytes: dense fp32, and sparse (values + 1-bit mask)."""
+    params = sum(p.numel() for p in model.parameters())
+    nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
+    encoder = [p for n, p in model.named_parameters() if ".encoder." in n]
+    return {
+        "params": params,
+        "nonzero_params": nonzero,
+        "encoder_params": sum(p.numel() for p in encoder),
+        "encoder_nonzero": sum(int(torch.count_nonzero(p)) for p in encoder),
+        "dense_mb": round(params * 4 / 2**20, 2),
+        "sparse_mb": round((nonzero * 4 + params / 8) / 2**20, 2),
+    }
+
+
+def compile_and_time(models: dict[str, torch.nn.Module], job: PruneJob) -> dict[str, object]:
+    """Each model compiled with the ``fast`` pipeline, checked vs PyTorch, timed interleaved."""
+    from canao.compiler.build import compile_model
+    from canao.compiler.importer import INPUT_NAMES, InputSpec, example_inputs
+    from canao.compiler.models import load_model
+    from canao.compiler.verify import verify_locally
+    from canao.latency.protocol import Protocol, summarize, time_interleaved
+    from canao.latency.runner import local_runner
+
+    calls, numerics = {}, {}
+    for name, module in models.items():
+        compiled = compile_model(load_model(module.eval()), "x86", "fast", InputSpec(1, job.seq))
+        numerics[name] = verify_locally(compiled)["max_abs_diff"]
+        runner = local_runner(compiled.executable)
+        inputs = example_inputs(module.config.vocab_size, 1, job.seq)
+        calls[name] = runner.bind(inputs, INPUT_NAMES)
+    seconds = time_interleaved(calls, Protocol(warmup=3, repeats=20))
+    table = {name: summarize(values).median_ms for name, values in seconds.items()}
+    return {
+        "median_ms": table,
+        "speedup": table["teacher"] / table["pruned"],
+        "max_abs_diff_vs_pytorch": numerics,
+        "threads": job.threads,
+        "seq": job.seq,
+    }
+
+
+def _say_summary(report: dict[str, object], log: Log) -> None:
+    pruned, teacher = report["pruned"], report["teacher"]
+    line = (
+        f"pruned {report['arch']}: dev accuracy {pruned['accuracy']:.4f} "  # type: ignore[index]
+        f"(teacher {teacher['accuracy']:.4f}), encoder non-zeros "  # type: ignore[index]
+        f"{pruned['encoder_nonzero']:,} of {teacher['encoder_params']:,}"  # type: ignore[index]
+    )
+    if "latency" in report:
+        latency = report["latency"]
+        line += (
+            f", {latency['median_ms']['pruned']:.2f} ms vs {latency['median_ms']['teacher']:.2f} ms"  # type: ignore[index]
+            f" ({latency['speedup']:.2f}x)"  # type: ignore[index]
+        )
+    log(line)
