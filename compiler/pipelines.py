@@ -116,11 +116,36 @@ def _cpu_pipeline(target: object, canao_fusion: bool, approximate: bool = False)
     )
 
 
-def _canao_fast(target: object) -> object:
+def _gpu_pipeline(target: object) -> object:
+    """canao's exact graph rewrites, then TVM's GPU pipeline (dlight GPU schedules).
+
+    The algebraic passes and the Q/K/V merge are target-independent; the CPU-only
+    stages (packed dense kernels, residual+layer-norm kernel, CPU vector math)
+    are left out, and dlight's GPU rules schedule every remaining kernel.
+    """
+    import tvm
     from tvm import relax
 
+    from canao.fusion.algebraic import fold_scale_into_dense, simplify_elementwise
+    from canao.fusion.merge_dense import merge_parallel_dense
+
+    return tvm.transform.Sequential(
+        [
+            relax.transform.FoldConstant(),
+            simplify_elementwise(),
+            fold_scale_into_dense(),
+            simplify_elementwise(),
+            relax.transform.DeadCodeElimination(),
+            merge_parallel_dense(),
+            relax.get_default_pipeline(target),
+        ],
+        name="canao.fast-gpu",
+    )
+
+
+def _canao_fast(target: object) -> object:
     if "gpu" in target.keys:  # type: ignore[attr-defined]
-        return relax.get_default_pipeline(target)  # GPU schedules: issue 8
+        return _gpu_pipeline(target)
     return _cpu_pipeline(target, canao_fusion=True)
 
 

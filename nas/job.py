@@ -185,7 +185,24 @@ def check_job(job: SearchJob) -> None:
     )
     check_controller(job.controller, multi_objective=job.objective == "pareto")
     preflight(job.target, ["fast"], job.rpc, 20.0)
+    if job.rpc is None:
+        _require_local_device(job.target)
     load_task(job.task)
+
+
+def _require_local_device(target: str) -> None:
+    """Candidates are measured here unless --rpc names a device: this machine must run them."""
+    import tvm
+
+    from canao.compiler.targets import get_target
+    from canao.errors import DeviceUnreachableError
+
+    spec = get_target(target)
+    if target == "arm64" or not tvm.device(spec.device_type, 0).exist:
+        raise DeviceUnreachableError(
+            f"no {target} device on this machine to measure candidates on: "
+            "pass --rpc HOST:PORT (and --key NAME for a tracker) to measure on one"
+        )
 
 
 def run_job(job: SearchJob, log: Log = print) -> SearchOutcome:

@@ -37,6 +37,7 @@ def test_candidates_are_compiled_checked_measured_and_cached(tmp_path: Path) -> 
         (["--latency-ms", "-1"], "latency target must be positive"),
         (["--task", "no-such-task"], "unknown task 'no-such-task'"),
         (["--target", "riscv"], "unknown target 'riscv'"),
+        (["--target", "arm64"], "no arm64 device on this machine"),
     ],
 )
 def test_bad_search_options_fail_before_any_training(
