@@ -57,7 +57,14 @@ def main() -> None:
     rows = []
     for task in args.tasks.split(","):
         runs = [
-            PruneConfig(method=m, ratio=float(r), finetune_steps=args.steps, fisher_batches=16)
+            PruneConfig(
+                method=m,
+                ratio=float(r),
+                finetune_steps=args.steps,
+                fisher_batches=16,
+                aebert_candidates=8,
+                aebert_rounds=1,
+            )
             for m in args.methods.split(",")
             for r in args.ratios.split(",")
         ]
