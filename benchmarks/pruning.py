@@ -53,6 +53,12 @@ def main() -> None:
     parser.add_argument("--methods", default="aebert,obert,magnitude")
     parser.add_argument("--ratios", default="0.3,0.5,0.7")
     parser.add_argument("--steps", type=int, default=60, help="fine-tuning steps after pruning")
+    parser.add_argument(
+        "--teacher-examples",
+        type=int,
+        default=6400,
+        help="training examples for each teacher (default 6400; RTE has 2490)",
+    )
     args = parser.parse_args()
     rows = []
     for task in args.tasks.split(","):
@@ -84,7 +90,10 @@ def main() -> None:
                 / f"{task}-{config.method}-{config.granularity}-{config.ratio}"
             )
             print(f"{task}: {config.method} {config.granularity} {config.ratio}", flush=True)
-            report = run_prune(PruneJob(task=task, config=config, out=out), log=lambda m: None)
+            job = PruneJob(
+                task=task, config=config, out=out, teacher_examples=args.teacher_examples
+            )
+            report = run_prune(job, log=lambda m: None)
             rows.append(row(task, config, report))
             print(rows[-1], flush=True)
     table = pd.DataFrame(rows)

@@ -126,10 +126,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--controller", default="evolution")
     parser.add_argument("--latency-ms", type=float, default=7.0)
-    parser.add_argument("--supernet-steps", type=int, default=800)
-    parser.add_argument(
-        "--teacher-examples", type=int, default=None, help="default: the whole training split"
-    )
+    parser.add_argument("--supernet-steps", type=int, default=500)
+    parser.add_argument("--teacher-examples", type=int, default=6400)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--out", type=Path, default=cache_root() / "bench-search")

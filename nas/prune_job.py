@@ -49,7 +49,10 @@ def teacher_for(job: PruneJob, log: Log) -> Path:
             task=job.task,
             epochs=epochs,
             max_length=PAIR_MAX_LENGTH if pairs else 64,
-            train_limit=job.teacher_examples,
+            # A limit above the split's size is no limit: one cache entry, not two.
+            train_limit=None
+            if job.teacher_examples is None or job.teacher_examples >= len(data["train"])
+            else job.teacher_examples,
         ),
         log=False,
     )
