@@ -99,6 +99,11 @@ def batches(
             yield dict(inputs), torch.tensor([split.labels[i] for i in rows])
 
 
+def training_device() -> torch.device:
+    """A GPU when one is present (training is the slow part on CPU), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def distillation_loss(
     student: torch.Tensor, teacher: torch.Tensor, temperature: float
 ) -> torch.Tensor:
@@ -157,13 +162,16 @@ def _sandwich(
     progress: Callable[[int, int, float], None] | None,
 ) -> list[dict[str, float]]:
     pick = random.Random(config.seed)
+    device = training_device()
+    student.to(device)
+    teacher.to(device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.learning_rate)
     schedule = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.0, total_iters=config.steps)
     largest, smallest = space.largest(), space.smallest()
     log: list[dict[str, float]] = []
     student.train()
     for step in range(config.steps):
-        inputs, _labels = next(data)
+        inputs = {k: v.to(device) for k, v in next(data)[0].items()}
         with torch.no_grad():
             target = teacher(**inputs).logits
         archs = [largest, smallest, *(space.sample(pick) for _ in range(config.random_subnets))]
@@ -187,7 +195,8 @@ def _sandwich(
             log.append({"step": step, "largest": losses[0], "smallest": losses[1]})
         if progress is not None:
             progress(step + 1, config.steps, losses[1])
-    student.eval()
+    student.to("cpu").eval()
+    teacher.to("cpu")
     return log
 
 

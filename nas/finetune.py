@@ -103,14 +103,15 @@ def finetune(
     schedule = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.0, total_iters=steps)
     rng = np.random.default_rng(config.seed)
     started = time.perf_counter()
-    model.train()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # GPU when lent
+    model.to(device).train()
     for epoch in range(config.epochs):
         order = rng.permutation(count)
         for step, start in enumerate(range(0, count, config.batch_size)):
             rows = order[start : start + config.batch_size]
             batch = encode(tokenizer, [train.texts[i] for i in rows], config.max_length)
-            labels = torch.tensor([train.labels[i] for i in rows])
-            loss = model(**batch, labels=labels).loss
+            labels = torch.tensor([train.labels[i] for i in rows], device=device)
+            loss = model(**{k: v.to(device) for k, v in batch.items()}, labels=labels).loss
             loss.backward()
             optimizer.step()
             schedule.step()
@@ -121,6 +122,7 @@ def finetune(
                     f"({time.perf_counter() - started:.0f} s)",
                     flush=True,
                 )
+    model.to("cpu")
     dev_accuracy = accuracy(model, tokenizer, data["dev"], config.max_length)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)  # safetensors
