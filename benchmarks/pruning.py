@@ -60,6 +60,10 @@ def main() -> None:
         help="training examples for each teacher (default 6400; RTE has 2490)",
     )
     args = parser.parse_args()
+    detail = (
+        f"MiniLM-L6 teachers ({args.teacher_examples} training examples at most), seq 128, "
+        f"1 thread, {args.steps} distillation steps after pruning"
+    )
     rows = []
     for task in args.tasks.split(","):
         runs = [
@@ -95,11 +99,10 @@ def main() -> None:
             )
             report = run_prune(job, log=lambda m: None)
             rows.append(row(task, config, report))
-            print(rows[-1], flush=True)
-    table = pd.DataFrame(rows)
-    shown = table.drop(columns=["layer_ratios"]).round(4)
-    detail = f"MiniLM-L6 teachers, seq 128, 1 thread, {args.steps} distillation steps after pruning"
-    publish(table, shown, "pruning", f"Pruning on dev. {header(detail)}")
+            # Published after every run: a long benchmark interrupted keeps what it measured.
+            table = pd.DataFrame(rows)
+            shown = table.drop(columns=["layer_ratios"]).round(4)
+            publish(table, shown, "pruning", f"Pruning on dev. {header(detail)}")
 
 
 if __name__ == "__main__":
