@@ -71,6 +71,9 @@ class PruneConfig:
     aebert_candidates: int = 16
     aebert_rounds: int = 2  # rounds of mutating the best candidates
     aebert_eval_examples: int = 256  # held out from the training split
+    # FFN neurons kept per layer: a multiple of the packed dense kernel's panel width (32
+    # floats with AVX-512), else the FFN products fall off the fast kernels.
+    neuron_multiple: int = 32
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -377,23 +380,40 @@ def prune_structured(
         scores = obert_structured_scores(model, batches, config.relative_damping)
     after = UnitMasks(
         _keep(scores.heads, units.heads, ratio, layer_ratios),
-        _keep(scores.neurons, units.neurons, ratio, layer_ratios),
+        _keep(scores.neurons, units.neurons, ratio, layer_ratios, config.neuron_multiple),
     )
     fold_obs_update(model, scores, units, after)
     return after
 
 
 def _keep(
-    scores: torch.Tensor, alive: torch.Tensor, ratio: float, layer_ratios: list[float] | None
+    scores: torch.Tensor,
+    alive: torch.Tensor,
+    ratio: float,
+    layer_ratios: list[float] | None,
+    multiple: int = 1,
 ) -> torch.Tensor:
     per_layer = alive.shape[1]
     if layer_ratios is None:
         total = alive.numel() - obert.num_to_prune(ratio, alive.numel())
-        return choose_global(scores, alive, total)
-    # Stage ratio relative to the final one scales every layer's own ratio alike.
-    scale = ratio / max(sum(layer_ratios) / len(layer_ratios), 1e-9)
-    counts = [per_layer - obert.num_to_prune(min(r * scale, 0.99), per_layer) for r in layer_ratios]
-    return choose_per_layer(scores, alive, counts)
+        keep = choose_global(scores, alive, total)
+        if multiple <= 1:
+            return keep
+        counts = [int(c) for c in keep.sum(1)]
+    else:
+        # Stage ratio relative to the final one scales every layer's own ratio alike.
+        scale = ratio / max(sum(layer_ratios) / len(layer_ratios), 1e-9)
+        counts = [
+            per_layer - obert.num_to_prune(min(r * scale, 0.99), per_layer) for r in layer_ratios
+        ]
+    return choose_per_layer(scores, alive, [_round_to(c, multiple, per_layer) for c in counts])
+
+
+def _round_to(count: int, multiple: int, limit: int) -> int:
+    """Nearest multiple of ``multiple`` (at least one multiple, at most ``limit``)."""
+    if multiple <= 1 or limit < multiple:
+        return count
+    return min(max(multiple, round(count / multiple) * multiple), limit)
 
 
 def finetune_masked(
@@ -493,7 +513,7 @@ def _one_shot_accuracy(
     before = UnitMasks.full(trial)
     after = UnitMasks(
         _keep(scores.heads, before.heads, config.ratio, ratios),
-        _keep(scores.neurons, before.neurons, config.ratio, ratios),
+        _keep(scores.neurons, before.neurons, config.ratio, ratios, config.neuron_multiple),
     )
     fold_obs_update(trial, scores, before, after)
     apply_masks(trial, weight_masks(trial, after))

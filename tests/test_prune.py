@@ -92,10 +92,19 @@ def test_masking_units_equals_cutting_them_out(teacher: BertForSequenceClassific
 
 
 def test_structured_ratio_bookkeeping(teacher, tokenizer) -> None:
-    result = pr.prune(teacher, tokenizer, toy_split(), small(method="obert", ratio=0.5))
+    config = small(method="obert", ratio=0.5, neuron_multiple=1)
+    result = pr.prune(teacher, tokenizer, toy_split(), config)
     assert sum(result.arch.heads) == 6  # of 12 heads
     assert sum(result.arch.ffn) == 192  # of 384 neurons
     assert min(result.arch.heads) >= 1 and min(result.arch.ffn) >= 1
+
+
+@pytest.mark.parametrize("method", ["obert", "aebert"])
+def test_kept_neurons_are_whole_kernel_panels(teacher, tokenizer, method) -> None:
+    result = pr.prune(teacher, tokenizer, toy_split(), small(method=method, ratio=0.3))
+    assert all(f % 32 == 0 and f >= 32 for f in result.arch.ffn), result.arch.ffn
+    assert pr._round_to(47, 32, 128) == 32 and pr._round_to(49, 32, 128) == 64
+    assert pr._round_to(5, 32, 128) == 32 and pr._round_to(127, 32, 128) == 128
 
 
 def test_gradual_pruning_follows_the_cubic_schedule(teacher, tokenizer) -> None:
