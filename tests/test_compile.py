@@ -154,3 +154,26 @@ def test_cuda_code_generation_without_a_gpu(tiny_config: Path) -> None:
     compiled = compile_model(load_model(tiny_config), "cuda", "fast", InputSpec(1, 16))
     sources = _device_sources(compiled.executable.mod, "cuda")
     assert sources and sources[0].count("__global__") >= compiled.kernels.primfuncs
+
+
+def _has_cuda() -> bool:
+    import tvm
+
+    return bool(tvm.cuda(0).exist)
+
+
+@pytest.mark.skipif(not _has_cuda(), reason="no CUDA GPU on this machine (issue 8: run on one)")
+def test_cuda_build_runs_matches_pytorch_and_times(tiny_config: Path) -> None:
+    from canao.compiler.verify import verify_locally
+    from canao.latency.protocol import Protocol
+    from canao.latency.runner import local_runner
+
+    compiled = compile_model(load_model(tiny_config), "cuda", "fast", InputSpec(1, 16))
+    checked = verify_locally(compiled)  # runs on the GPU; compares with PyTorch
+    assert checked["max_abs_diff"] <= checked["tolerance"]
+    runner = local_runner(compiled.executable, "cuda")
+    from canao.compiler.importer import INPUT_NAMES, example_inputs
+
+    inputs = example_inputs(compiled.model.config.vocab_size, 1, 16)
+    seconds = runner.time(inputs, INPUT_NAMES, Protocol(warmup=2, repeats=5))
+    assert len(seconds) == 5 and min(seconds) > 0
