@@ -20,7 +20,7 @@ import os
 os.environ.setdefault("TVM_NUM_THREADS", "1")  # before TVM starts
 
 import pandas as pd
-from _results import header, publish
+from _results import RESULTS, header, publish
 
 from canao.nas.distill import cache_root
 from canao.nas.prune import PruneConfig
@@ -59,12 +59,17 @@ def main() -> None:
         default=6400,
         help="training examples for each teacher (default 6400; RTE has 2490)",
     )
+    parser.add_argument(
+        "--append", action="store_true", help="keep the rows already in results/pruning.csv"
+    )
     args = parser.parse_args()
     detail = (
         f"MiniLM-L6 teachers ({args.teacher_examples} training examples at most), seq 128, "
         f"1 thread, {args.steps} distillation steps after pruning"
     )
     rows = []
+    if args.append and (RESULTS / "pruning.csv").is_file():
+        rows = pd.read_csv(RESULTS / "pruning.csv").to_dict("records")
     for task in args.tasks.split(","):
         runs = [
             PruneConfig(
