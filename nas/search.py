@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Protocol
@@ -117,7 +118,16 @@ def _storage(url: str | None) -> optuna.storages.BaseStorage | str | None:
     """SQLite waits for a busy database instead of failing: several workers share one file."""
     if url is None or not url.startswith("sqlite"):
         return url
-    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    # Workers started together race to create the schema in a new file; the loser sees
+    # "table ... already exists" and simply connects again.
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+        except Exception as err:  # sqlalchemy.exc.OperationalError, wrapped differently by version
+            if "already exists" not in str(err) or attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _jsonable(value: object) -> object:
