@@ -31,17 +31,17 @@ from transformers import BertForSequenceClassification, BertTokenizerFast
 
 from canao.errors import CanaoError
 from canao.nas import obert
+from canao.nas.distill import batches as shuffled_batches
 from canao.nas.distill import distillation_loss
 from canao.nas.finetune import encode
 from canao.nas.space import ArchConfig
 from canao.nas.supernet import (
     Importance,
-    Masks,
     extract,
     full_arch,
     reorder_by_importance,
-    subnet_logits,
 )
+from canao.nas.supernet import mask_gradients as supernet_mask_gradients
 from canao.nas.tasks import Split
 
 METHODS = ("obert", "magnitude", "aebert")
@@ -157,36 +157,15 @@ def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
 def training_batches(
     tokenizer: BertTokenizerFast, split: Split, batch_size: int, max_length: int, seed: int
 ) -> Iterator[Batch]:
-    rng = np.random.default_rng(seed)
-    while True:
-        order = rng.permutation(len(split))
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            rows = order[start : start + batch_size]
-            inputs = encode(tokenizer, [split.texts[i] for i in rows], max_length)
-            yield dict(inputs), torch.tensor([split.labels[i] for i in rows])
+    return shuffled_batches(tokenizer, split, batch_size, max_length, np.random.default_rng(seed))
 
 
 def mask_gradients(
     model: BertForSequenceClassification, batches: list[Batch]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-batch loss gradients w.r.t. every head and neuron mask: ``[n, L, H]``, ``[n, L, F]``."""
-    arch = full_arch(model)
-    heads, neurons = [], []
-    model.eval()
-    for inputs, labels in batches:
-        masks = Masks.ones(model)
-        logits = subnet_logits(
-            model,
-            arch,
-            inputs["input_ids"],
-            inputs["attention_mask"],
-            inputs.get("token_type_ids"),
-            masks=masks,
-        )
-        grads = torch.autograd.grad(F.cross_entropy(logits, labels), [masks.heads, masks.neurons])
-        heads.append(grads[0])
-        neurons.append(grads[1])
-    return torch.stack(heads), torch.stack(neurons)
+    grads = list(supernet_mask_gradients(model, batches))
+    return torch.stack([g[0] for g in grads]), torch.stack([g[1] for g in grads])
 
 
 def _damping(grads: torch.Tensor, relative: float) -> float:

@@ -20,7 +20,7 @@ into a standalone :class:`~canao.nas.modeling.CanaoBertForSequenceClassification
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -249,20 +249,19 @@ class Importance:
     hidden: torch.Tensor  # [hidden]
 
 
-def first_order_importance(
+def mask_gradients(
     model: BertForSequenceClassification,
     batches: list[tuple[Mapping[str, torch.Tensor], torch.Tensor]],
-) -> Importance:
-    """|dL/dmask| summed over batches: the change in task loss from removing each unit.
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per batch: task-loss gradients w.r.t. the head, neuron and hidden masks (all ones).
 
-    This is the head importance of Michel et al. (2019) that DynaBERT uses,
-    applied alike to FFN neurons and hidden channels.
+    First-order importance sums their magnitudes; oBERT's structured saliency
+    builds an empirical Fisher from them (:mod:`canao.nas.prune`).
     """
     arch = full_arch(model)
-    masks = Masks.ones(model)
-    totals = Importance(*(torch.zeros_like(m) for m in (masks.heads, masks.neurons, masks.hidden)))
     model.eval()
     for inputs, labels in batches:
+        masks = Masks.ones(model)
         logits = subnet_logits(
             model,
             arch,
@@ -272,11 +271,23 @@ def first_order_importance(
             masks=masks,
         )
         loss = F.cross_entropy(logits, labels)
-        grads = torch.autograd.grad(loss, [masks.heads, masks.neurons, masks.hidden])
-        totals.heads += grads[0].abs()
-        totals.neurons += grads[1].abs()
-        totals.hidden += grads[2].abs()
-    return totals
+        heads, neurons, hidden = torch.autograd.grad(
+            loss, [masks.heads, masks.neurons, masks.hidden]
+        )
+        yield heads, neurons, hidden
+
+
+def first_order_importance(
+    model: BertForSequenceClassification,
+    batches: list[tuple[Mapping[str, torch.Tensor], torch.Tensor]],
+) -> Importance:
+    """|dL/dmask| summed over batches: the change in task loss from removing each unit.
+
+    This is the head importance of Michel et al. (2019) that DynaBERT uses,
+    applied alike to FFN neurons and hidden channels.
+    """
+    grads = list(mask_gradients(model, batches))
+    return Importance(*(torch.stack(g).abs().sum(0) for g in zip(*grads, strict=True)))
 
 
 @torch.no_grad()
