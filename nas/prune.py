@@ -72,7 +72,8 @@ class PruneConfig:
     aebert_rounds: int = 2  # rounds of mutating the best candidates
     aebert_eval_examples: int = 256  # held out from the training split
     # FFN neurons kept per layer: a multiple of the packed dense kernel's panel width (32
-    # floats with AVX-512), else the FFN products fall off the fast kernels.
+    # floats with AVX-512). Other widths are padded by the compiler; whole panels avoid the
+    # wasted columns (MiniLM pruned by AE-BERT at 0.3: 10.27 ms unaligned, 9.54 ms aligned).
     neuron_multiple: int = 32
     seed: int = 0
 

@@ -153,6 +153,16 @@ def test_batch_matmul_rule() -> None:
     assert BatchMatmul().apply(te.create_prim_func([a, injective]), X86, False) is None
 
 
+def test_pack_dense_pads_a_width_that_is_not_whole_panels(tmp_path: Path) -> None:
+    config = write_config(tmp_path, intermediate_size=100)  # a pruned FFN width
+    mod = import_bert(load_model(config).module, InputSpec(1, 16))
+    packed = pack_dense_weights(DenseTiling(mr=8, nb=32))(relax.transform.FoldConstant()(mod))
+    kernels = {g.name_hint for g in packed.get_global_vars() if g.name_hint.startswith("canao")}
+    assert "canao_dense_bias_gelu_16x64x128" in kernels  # FFN-up: 100 columns padded to 128
+    assert "canao_dense_bias_16x100x64" in kernels  # FFN-down reads the 100 real columns
+    assert packed["main"].script(show_meta=False).count("R.strided_slice") == 2  # per layer
+
+
 @pytest.mark.parametrize(
     ("fields", "spec", "head"),
     [
@@ -163,7 +173,8 @@ def test_batch_matmul_rule() -> None:
             InputSpec(1, 64),
             "classification",
         ),
-        ({"hidden_size": 72, "intermediate_size": 100}, InputSpec(1, 9), "base"),  # unpackable
+        # N = 72 and 100: not whole 32-wide panels, so padded and sliced back
+        ({"hidden_size": 72, "intermediate_size": 100}, InputSpec(1, 9), "base"),
     ],
     ids=["L2-H64", "batch2-seq17", "classifier", "odd-widths"],
 )

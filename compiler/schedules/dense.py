@@ -36,7 +36,15 @@ class DenseTiling:
     nb: int  # columns of the register tile = width of a packed weight panel
 
     def packs(self, n: int) -> bool:
-        return n % self.nb == 0
+        """Whole panels, or more than one panel (the last one is padded with zero columns).
+
+        A product narrower than one panel (a classifier's 2 outputs) is left to
+        the generic path: padding it would be mostly wasted work.
+        """
+        return n % self.nb == 0 or n > self.nb
+
+    def padded(self, n: int) -> int:
+        return -(-n // self.nb) * self.nb
 
 
 def vector_lanes(target: object) -> int:
