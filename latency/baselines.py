@@ -19,7 +19,6 @@ only needs ``ai-edge-litert``, which installs cleanly beside TVM.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib
 import json
 import logging
@@ -61,6 +60,7 @@ from canao.latency.protocol import (
     time_callable,
     time_interleaved,
 )
+from canao.locks import file_lock
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -453,7 +453,7 @@ def ensure_litert_venv(venv_dir: Path | None = None) -> Path:
     if _venv_ready(root, wanted):
         return python
     root.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(root.parent / f".{root.name}.lock"):
+    with file_lock(root.parent / f".{root.name}.lock"):
         if not _venv_ready(root, wanted):  # another process may have built it meanwhile
             _build_venv(root, wanted)
     return python
@@ -467,17 +467,6 @@ def _venv_ready(root: Path, wanted: list[str]) -> bool:
         return json.loads(marker.read_text(encoding="utf-8")).get("requirements") == wanted
     except (OSError, json.JSONDecodeError):
         return False
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Serialise venv builds between processes (parallel test or search workers)."""
-    with open(path, "w", encoding="utf-8") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _build_venv(root: Path, wanted: list[str]) -> None:

@@ -20,15 +20,16 @@ from __future__ import annotations
 import math
 import os
 import socket
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Protocol
 
 import optuna
 import pandas as pd
 
 from canao.errors import CanaoError
+from canao.locks import file_lock
 from canao.nas.controllers import make_sampler
 from canao.nas.latency import LatencyPredictor, LatencyResult
 from canao.nas.space import ArchConfig, SearchSpace
@@ -115,19 +116,22 @@ def open_study(storage: str | None, space: SearchSpace, settings: SearchSettings
 
 
 def _storage(url: str | None) -> optuna.storages.BaseStorage | str | None:
-    """SQLite waits for a busy database instead of failing: several workers share one file."""
+    """SQLite waits for a busy database instead of failing: several workers share one file.
+
+    Workers starting together on a new file race to create its schema (duplicate
+    tables, duplicate alembic version rows), so creation holds a lock beside the file.
+    """
     if url is None or not url.startswith("sqlite"):
         return url
-    # Workers started together race to create the schema in a new file; the loser sees
-    # "table ... already exists" and simply connects again.
-    for attempt in range(5):
-        try:
-            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-        except Exception as err:  # sqlalchemy.exc.OperationalError, wrapped differently by version
-            if "already exists" not in str(err) or attempt == 4:
-                raise
-            time.sleep(0.2 * (attempt + 1))
-    raise AssertionError("unreachable")
+    database = Path(url.removeprefix("sqlite:///"))
+    if url.startswith("sqlite:///") and database.parent.is_dir():
+        with file_lock(database.with_name(database.name + ".lock")):
+            return _rdb_storage(url)
+    return _rdb_storage(url)  # in-memory or unusual URLs: nothing to race on
+
+
+def _rdb_storage(url: str) -> optuna.storages.RDBStorage:
+    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
 
 
 def _jsonable(value: object) -> object:
