@@ -74,26 +74,20 @@ def uniform_table(outcome: SearchOutcome) -> pd.DataFrame:
 
 def side_by_side(outcome: SearchOutcome, threads: int, repeats: int) -> pd.DataFrame:
     """Winner and teacher (canao) and BERT-base on LiteRT fp32, interleaved in one process."""
-    from canao.compiler.build import compile_model
-    from canao.compiler.importer import INPUT_NAMES, InputSpec, example_inputs
+    from canao.compiler.importer import example_inputs
     from canao.compiler.models import load_model
-    from canao.compiler.verify import verify_locally
     from canao.latency.baselines import make_runner
     from canao.latency.protocol import Protocol, summarize, time_interleaved
-    from canao.latency.runner import local_runner
+    from canao.workflow import checked_inference
 
     seq = int(outcome.summary["job"]["seq"])  # type: ignore[index]
-    winner = load_model(outcome.out / "winner" / "model", head="classification")
-    teacher = load_model(
-        Path(str(outcome.evaluator.supernet.info["teacher"])), head="classification"
-    )
+    teacher = Path(str(outcome.evaluator.supernet.info["teacher"]))
     calls, accuracy = {}, {}
-    for name, loaded in (("canao winner", winner), ("canao teacher (MiniLM-L6)", teacher)):
-        compiled = compile_model(loaded, "x86", "fast", InputSpec(1, seq))
-        verify_locally(compiled)
-        runner = local_runner(compiled.executable)
-        inputs = example_inputs(loaded.config.vocab_size, 1, seq)
-        calls[name] = runner.bind(inputs, INPUT_NAMES)
+    for name, model in (
+        ("canao winner", outcome.out / "winner" / "model"),
+        ("canao teacher (MiniLM-L6)", teacher),
+    ):
+        calls[name], _ = checked_inference(model, seq)
     accuracy["canao winner"] = outcome.winner["accuracy"]
     accuracy["canao teacher (MiniLM-L6)"] = outcome.summary["teacher"]["accuracy"]  # type: ignore[index]
     bert_base = load_model("bert-base")

@@ -7,6 +7,7 @@ and bench: the same, then the latency protocol per thread count, with cache.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,23 @@ def compile_and_verify(
             "reason": f"not run: no {target} device here; pass --rpc HOST:PORT to check on one",
         }
     return compiled
+
+
+def checked_inference(
+    model: str | Path | object, seq: int = 128, batch: int = 1, pipeline: str = DEFAULT_PIPELINE
+) -> tuple[Callable[[], object], float]:
+    """``model`` built for this machine and checked against PyTorch, bound to example inputs.
+
+    Returns one inference as a no-argument call (for ``time_interleaved`` beside
+    other systems in the same process) and the max abs diff against PyTorch.
+    """
+    from canao.latency.runner import local_runner
+
+    loaded = load_model(model, head="classification")  # type: ignore[arg-type]
+    compiled = compile_model(loaded, "x86", pipeline, InputSpec(batch, seq))
+    diff = float(verify_locally(compiled)["max_abs_diff"])  # type: ignore[arg-type]
+    inputs = example_inputs(loaded.config.vocab_size, batch, seq)
+    return local_runner(compiled.executable).bind(inputs, INPUT_NAMES), diff
 
 
 def export(compiled: CompiledModel, out_dir: Path) -> Path:

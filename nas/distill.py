@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from transformers import BertForSequenceClassification, BertTokenizerFast
 from transformers import logging as hf_logging
 
-from canao.nas.finetune import encode
+from canao.nas.finetune import accuracy, encode
 from canao.nas.space import ArchConfig, SearchSpace
 from canao.nas.supernet import (
     extract,
@@ -209,17 +209,6 @@ def load_supernet(path: Path) -> SuperNet:
     return SuperNet(model, tokenizer, space, path, info)
 
 
-def dev_accuracy(
-    supernet: SuperNet, arch: ArchConfig, split: Split, max_length: int = 64, batch_size: int = 128
-) -> float:
-    """Accuracy of the *extracted* sub-network on ``split`` (length-sorted batches for speed)."""
-    model = extract(supernet.model, arch)
-    order = sorted(range(len(split)), key=lambda i: sum(len(t) for t in split.texts[i]))
-    correct = 0
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            inputs = encode(supernet.tokenizer, [split.texts[i] for i in rows], max_length)
-            predicted = model(**inputs).logits.argmax(-1).numpy()
-            correct += int((predicted == np.array([split.labels[i] for i in rows])).sum())
-    return correct / len(split)
+def dev_accuracy(supernet: SuperNet, arch: ArchConfig, split: Split, max_length: int = 64) -> float:
+    """Accuracy of the *extracted* sub-network on ``split``."""
+    return accuracy(extract(supernet.model, arch), supernet.tokenizer, split, max_length)

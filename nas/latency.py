@@ -34,7 +34,7 @@ from canao.latency.environment import default_threads
 from canao.latency.measure import Workload, measure
 from canao.latency.protocol import Protocol, measurement_key
 from canao.latency.rpc import RPCAddress, remote_runner
-from canao.nas.modeling import CanaoBertConfig, CanaoBertForSequenceClassification
+from canao.nas.modeling import CanaoBertForSequenceClassification, arch_config
 from canao.nas.space import ArchConfig
 
 
@@ -45,27 +45,6 @@ class LatencyResult:
     build_s: float = 0.0
     launches: int | None = None
     max_abs_diff: float | None = None
-
-
-def arch_config(arch: ArchConfig, base: BertConfig, num_labels: int = 2) -> CanaoBertConfig:
-    """A full-size-per-layer config of ``arch`` (heads as real heads, not pruned slots)."""
-    arch.validate()
-    layers = arch.num_layers
-    slots = arch.hidden_size // arch.head_dim
-    return CanaoBertConfig(
-        vocab_size=base.vocab_size,
-        max_position_embeddings=base.max_position_embeddings,
-        type_vocab_size=base.type_vocab_size,
-        hidden_act=base.hidden_act,
-        layer_norm_eps=base.layer_norm_eps,
-        hidden_size=arch.hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=slots,
-        intermediate_size=max(arch.ffn),
-        layer_intermediate_sizes=list(arch.ffn),
-        pruned_heads={i: list(range(h, slots)) for i, h in enumerate(arch.heads) if h < slots},
-        num_labels=num_labels,
-    )
 
 
 def random_model(arch: ArchConfig, base: BertConfig) -> CanaoBertForSequenceClassification:

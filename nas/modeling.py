@@ -24,6 +24,8 @@ from transformers import (
     BertModel,
 )
 
+from canao.nas.space import ArchConfig
+
 
 class CanaoBertConfig(BertConfig):
     """``BertConfig`` plus ``layer_intermediate_sizes`` (one FFN size per layer, or None)."""
@@ -69,6 +71,29 @@ class CanaoBertForSequenceClassification(BertForSequenceClassification):
     def __init__(self, config: CanaoBertConfig):
         super().__init__(config)
         _resize_ffn(self.bert, config)
+
+
+def arch_config(arch: ArchConfig, base: BertConfig) -> CanaoBertConfig:
+    """``base`` (vocabulary, activation, labels, ...) with ``arch``'s sizes.
+
+    Each layer's head slots are ``hidden / head_dim``; the heads ``arch`` does
+    not keep are recorded in ``pruned_heads`` (the last ones, which is where
+    importance reordering puts the least important).
+    """
+    arch.validate()
+    fields = base.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "_name_or_path"):
+        fields.pop(key, None)
+    slots = arch.hidden_size // arch.head_dim
+    fields.update(
+        hidden_size=arch.hidden_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=slots,
+        intermediate_size=max(arch.ffn),
+        layer_intermediate_sizes=list(arch.ffn),
+        pruned_heads={i: list(range(h, slots)) for i, h in enumerate(arch.heads) if h < slots},
+    )
+    return CanaoBertConfig(**fields)
 
 
 AutoConfig.register("canao_bert", CanaoBertConfig, exist_ok=True)

@@ -33,7 +33,7 @@ from canao.errors import CanaoError
 from canao.nas import obert
 from canao.nas.distill import batches as shuffled_batches
 from canao.nas.distill import distillation_loss
-from canao.nas.finetune import encode
+from canao.nas.finetune import accuracy
 from canao.nas.space import ArchConfig
 from canao.nas.supernet import (
     Importance,
@@ -497,20 +497,7 @@ def _one_shot_accuracy(
     )
     fold_obs_update(trial, scores, before, after)
     apply_masks(trial, weight_masks(trial, after))
-    return split_accuracy(trial, tokenizer, held_out, config.max_length)
-
-
-def split_accuracy(
-    model: torch.nn.Module, tokenizer: BertTokenizerFast, split: Split, max_length: int
-) -> float:
-    model.eval()
-    correct = 0
-    with torch.inference_mode():
-        for start in range(0, len(split), 128):
-            texts = list(split.texts[start : start + 128])
-            predicted = model(**encode(tokenizer, texts, max_length)).logits.argmax(-1).numpy()
-            correct += int((predicted == np.array(split.labels[start : start + 128])).sum())
-    return correct / max(len(split), 1)
+    return accuracy(trial, tokenizer, held_out, config.max_length)
 
 
 # ---- unstructured and 4-block oBERT / magnitude ----

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from canao.nas.distill import load_teacher
-from canao.nas.finetune import FinetuneConfig, finetune
-from canao.nas.prune import PruneConfig, PruneResult, prune, split_accuracy
+from canao.nas.finetune import FinetuneConfig, accuracy, finetune
+from canao.nas.prune import PruneConfig, PruneResult, prune
 from canao.nas.tasks import load_task
 
 Log = Callable[[str], None]
@@ -77,11 +77,11 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, object]:
         "arch": result.arch.key,
         "layer_ratios": result.layer_ratios,
         "teacher": {
-            "accuracy": split_accuracy(teacher, tokenizer, data["dev"], config.max_length),
+            "accuracy": accuracy(teacher, tokenizer, data["dev"], config.max_length),
             **size_report(teacher, None),
         },
         "pruned": {
-            "accuracy": split_accuracy(result.model, tokenizer, data["dev"], config.max_length),
+            "accuracy": accuracy(result.model, tokenizer, data["dev"], config.max_length),
             **size_report(result.model, result),
         },
         "log": result.log,
@@ -110,20 +110,12 @@ def size_report(model: torch.nn.Module, result: PruneResult | None) -> dict[str,
 
 def compile_and_time(models: dict[str, torch.nn.Module], job: PruneJob) -> dict[str, object]:
     """Each model compiled with the ``fast`` pipeline, checked vs PyTorch, timed interleaved."""
-    from canao.compiler.build import compile_model
-    from canao.compiler.importer import INPUT_NAMES, InputSpec, example_inputs
-    from canao.compiler.models import load_model
-    from canao.compiler.verify import verify_locally
     from canao.latency.protocol import Protocol, summarize, time_interleaved
-    from canao.latency.runner import local_runner
+    from canao.workflow import checked_inference
 
     calls, numerics = {}, {}
     for name, module in models.items():
-        compiled = compile_model(load_model(module.eval()), "x86", "fast", InputSpec(1, job.seq))
-        numerics[name] = verify_locally(compiled)["max_abs_diff"]
-        runner = local_runner(compiled.executable)
-        inputs = example_inputs(module.config.vocab_size, 1, job.seq)
-        calls[name] = runner.bind(inputs, INPUT_NAMES)
+        calls[name], numerics[name] = checked_inference(module.eval(), job.seq)
     seconds = time_interleaved(calls, Protocol(warmup=3, repeats=20))
     table = {name: summarize(values).median_ms for name, values in seconds.items()}
     return {

@@ -28,7 +28,11 @@ import torch.nn.functional as F
 from transformers import BertForSequenceClassification
 from transformers.activations import ACT2FN
 
-from canao.nas.modeling import CanaoBertConfig, CanaoBertForSequenceClassification
+from canao.nas.modeling import (
+    CanaoBertConfig,
+    CanaoBertForSequenceClassification,
+    arch_config,
+)
 from canao.nas.space import ArchConfig, InvalidArchitectureError
 
 
@@ -170,21 +174,9 @@ def _attention(
 
 
 def sub_config(model: BertForSequenceClassification, arch: ArchConfig) -> CanaoBertConfig:
-    """Config of the extracted model: smaller sizes, pruned heads, per-layer FFN sizes."""
+    """Config of the extracted model: the teacher's, with ``arch``'s sizes and pruned heads."""
     check_fits(model, arch)
-    base = model.config.to_dict()
-    for field in ("model_type", "architectures", "transformers_version", "_name_or_path"):
-        base.pop(field, None)
-    slots = arch.hidden_size // arch.head_dim  # heads a layer of this hidden size can hold
-    base.update(
-        hidden_size=arch.hidden_size,
-        num_hidden_layers=arch.num_layers,
-        num_attention_heads=slots,
-        intermediate_size=max(arch.ffn),
-        layer_intermediate_sizes=list(arch.ffn),
-        pruned_heads={i: list(range(h, slots)) for i, h in enumerate(arch.heads) if h < slots},
-    )
-    return CanaoBertConfig(**base)
+    return arch_config(arch, model.config)
 
 
 def sliced_state(model: BertForSequenceClassification, arch: ArchConfig) -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+from transformers import BertForSequenceClassification, BertTokenizerFast
 
 from canao.compiler.build import compile_model
 from canao.compiler.importer import InputSpec
@@ -13,15 +13,7 @@ from canao.compiler.verify import verify_locally
 from canao.nas import obert
 from canao.nas import prune as pr
 from canao.nas.tasks import Split
-
-TINY = BertConfig(
-    hidden_size=64,
-    num_attention_heads=4,
-    intermediate_size=128,
-    num_hidden_layers=3,
-    vocab_size=30522,
-    max_position_embeddings=64,
-)
+from tests.tiny_teacher import tiny_teacher
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +23,7 @@ def tokenizer() -> BertTokenizerFast:
 
 @pytest.fixture
 def teacher() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    return BertForSequenceClassification(TINY).eval()
+    return tiny_teacher()
 
 
 def toy_split(n: int = 120) -> Split:

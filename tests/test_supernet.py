@@ -7,7 +7,6 @@ import pytest
 import torch
 from transformers import (
     AutoModelForSequenceClassification,
-    BertConfig,
     BertForSequenceClassification,
     BertTokenizerFast,
 )
@@ -20,20 +19,7 @@ from canao.nas import supernet as sn
 from canao.nas.distill import SupernetConfig, dev_accuracy, distillation_loss, train_supernet
 from canao.nas.space import ArchConfig, InvalidArchitectureError, SearchSpace
 from canao.nas.tasks import Split
-
-TINY = BertConfig(
-    hidden_size=64,
-    num_attention_heads=4,
-    intermediate_size=128,
-    num_hidden_layers=3,
-    vocab_size=30522,
-    max_position_embeddings=64,
-)
-
-
-def tiny_teacher(seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    return BertForSequenceClassification(TINY).eval()
+from tests.tiny_teacher import TINY, tiny_teacher
 
 
 def batch() -> dict[str, torch.Tensor]:
