@@ -56,11 +56,12 @@ def cpu_stages(
     from tvm.relax.backend.cpu_generic.pipeline import dataflow_lower_passes, finalize_passes
     from tvm.s_tir import dlight
 
-    from canao.compiler.schedules.dense import choose_tiling
+    from canao.compiler.schedules.dense import choose_tiling, vector_lanes
     from canao.compiler.schedules.pack_dense import pack_dense_weights
     from canao.compiler.schedules.rules import default_rules
     from canao.compiler.schedules.vector_math import vectorised_math
     from canao.fusion.algebraic import fold_scale_into_dense, simplify_elementwise
+    from canao.fusion.attention import fuse_attention
     from canao.fusion.merge_dense import merge_parallel_dense
     from canao.fusion.residual_layernorm import fuse_residual_layer_norm
 
@@ -89,6 +90,12 @@ def cpu_stages(
         (
             "pack_dense" + ("_with_epilogues" if canao_fusion else ""),
             pack_dense_weights(tiling, fuse_epilogues=canao_fusion, approximate=approximate),
+        ),
+        # Q/K/V slices -> one attention kernel (needs the packed Q/K/V output and the softmax)
+        *(
+            [("fuse_attention", fuse_attention(vector_lanes(target), approximate))]
+            if canao_fusion
+            else []
         ),
         ("vectorised_math", vectorised_math(approximate)),  # libm's scalar expf/erff would dominate
         *([("fuse_residual_layer_norm", fuse_residual_layer_norm())] if canao_fusion else []),

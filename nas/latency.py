@@ -7,8 +7,8 @@ TVM RPC. Latency does not depend on weight values, so a candidate is built
 with seeded random weights and cached by its architecture key.
 
 :class:`LatencyPredictor` is a per-kernel cost model fitted to those
-measurements: each fused kernel kind (packed dense, attention batch-matmul,
-softmax, layer norm / element-wise) costs ``a * work + b``, so a network's
+measurements: each fused kernel kind (packed dense, fused attention, softmax
+exponentials, layer norm / element-wise) costs ``a * work + b``, so a network's
 latency is linear in per-kind totals that follow from the architecture alone.
 """
 
@@ -162,7 +162,8 @@ def kernel_work(arch: ArchConfig, seq: int = 128, batch: int = 1) -> dict[str, t
     Work is padded multiply-adds for dense and attention products and
     elements touched for softmax and norms. Counts follow the fused graph of
     the ``fast`` pipeline: QKV as one dense, attention output, FFN in, FFN out;
-    two batched products per layer; one softmax; two residual+layer norms.
+    one fused attention kernel per layer (both products and the softmax, whose
+    exp work stays a separate feature); two residual+layer norms.
     """
     m = _padded(batch * seq, _TILE_M)
     d = arch.hidden_size
@@ -177,8 +178,8 @@ def kernel_work(arch: ArchConfig, seq: int = 128, batch: int = 1) -> dict[str, t
         inner = heads * arch.head_dim
         for k, n in ((d, 3 * inner), (inner, d), (d, ffn), (ffn, d)):
             add("dense", m * k * _padded(n, _TILE_N))
-        add("attention", 2 * batch * heads * seq * seq * arch.head_dim, 2)
-        add("softmax", batch * heads * seq * seq)
+        add("attention", 2 * batch * heads * seq * seq * arch.head_dim)
+        add("softmax", batch * heads * seq * seq, 0)  # inside the attention kernel
         add("norm", 2 * batch * seq * d, 2)
     add("dense", 2 * batch * d * d + batch * d * 2, 2)  # pooler and classifier
     return {kind: (work, count) for kind, (work, count) in totals.items()}

@@ -1,0 +1,202 @@
+"""Multi-head attention as one kernel, read straight from the Q/K/V projection.
+
+BERT's attention, as exported, is nine kernels per layer: three head-split
+transposes, ``Q K^T``, the mask add, softmax, the fully-masked-row guard of
+PyTorch's SDPA, ``P V`` and the head-merge transpose, with a ``[H, S, S]``
+score tensor and four transposed copies written to memory in between. This
+kernel does all of it per ``(batch, head)``, with scores living in a
+``mr x S`` scratch row block that stays in L1::
+
+    for bh in parallel(B * H):
+        Kt[D, S] = K[b, :, h, :]^T                      # once per head, L1
+        for rows in S / mr:
+            s[mr, S] = Q[rows] @ Kt + mask               # register tiles mr x nb
+            m = rowmax(s); s = exp(s - m); l = rowsum(s)  # vectorised, float32-exact exp
+            out[rows, h, :] = (s @ V[:, h, :]) / l        # register tile mr x D
+
+Q, K and V are read in place from their (merged) projection output, so the
+head-split transposes disappear, and the output is written token-major
+``[B, S, H, D]``, which is the next dense layer's input as it is.
+
+Exact algebra, not an approximation: ``softmax(s) @ V = (exp(s - m) @ V) / l``
+(the division distributes over the sum), so results differ from the unfused
+graph only in float rounding. A row whose every score is ``-inf`` gives zeros,
+as PyTorch's SDPA guard does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from canao.compiler.schedules.vector_math import exp_expr, exp_poly
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    batch: int
+    seq: int
+    heads: int
+    head_dim: int
+    # Each of Q, K, V is read from a 2-D [batch * seq, width] tensor at a column offset.
+    q_width: int
+    k_width: int
+    v_width: int
+    q_offset: int
+    k_offset: int
+    v_offset: int
+    mask_shape: tuple[int, ...]  # additive mask, broadcast to [batch, heads, seq, seq]
+
+    def __post_init__(self) -> None:
+        span = self.heads * self.head_dim
+        for name, width, offset in (
+            ("q", self.q_width, self.q_offset),
+            ("k", self.k_width, self.k_offset),
+            ("v", self.v_width, self.v_offset),
+        ):
+            if offset < 0 or offset + span > width:
+                raise ValueError(f"{name} columns {offset}..{offset + span} exceed width {width}")
+        if len(self.mask_shape) != 4:
+            raise ValueError(f"mask must be 4-D [B, H, S, S], got {self.mask_shape}")
+        full = (self.batch, self.heads, self.seq, self.seq)
+        for got, want in zip(self.mask_shape, full, strict=True):
+            if got not in (1, want):
+                raise ValueError(f"mask {self.mask_shape} does not broadcast to {full}")
+
+    def name(self) -> str:
+        return f"canao_attention_{self.batch}x{self.seq}x{self.heads}x{self.head_dim}"
+
+
+def _largest_divisor(n: int, candidates: tuple[int, ...]) -> int:
+    return next(c for c in candidates if n % c == 0)
+
+
+def _tree(buffer: Any, width: int, kind: str) -> Any:
+    """``buffer[0] op ... op buffer[width - 1]`` as a balanced tree (depth log2, not width)."""
+    from tvm import tirx
+
+    values = [buffer[i] for i in range(width)]
+    while len(values) > 1:
+        pairs = zip(values[0::2], values[1::2], strict=False)
+        merged = [tirx.max(a, b) if kind == "max" else a + b for a, b in pairs]
+        values = merged + ([values[-1]] if len(values) % 2 else [])
+    return values[0]
+
+
+# Scores of one head up to this size live on the worker's stack; longer sequences
+# (S = 512: 1 MB) take a heap workspace, as phones give threads small stacks.
+STACK_SCORES_BYTES = 256 * 1024
+
+
+def attention_primfunc(shape: AttentionShape, lanes: int = 16, approximate: bool = False) -> Any:
+    """The scheduled TIR kernel for one attention shape.
+
+    ``lanes``: the target's fp32 SIMD width. ``approximate``: I-BERT's polynomial
+    exp (pipeline ``fast-approx``) instead of the float32-exact one.
+    """
+    from tvm.script import tirx as T
+
+    B, S, H, D = shape.batch, shape.seq, shape.heads, shape.head_dim
+    M = B * S
+    QO, KO, VO = shape.q_offset, shape.k_offset, shape.v_offset
+    # Register tiles: mr score rows x nb score columns (two vectors), as the dense kernels.
+    MR = _largest_divisor(S, (8, 4, 2, 1))
+    NB = _largest_divisor(S, (2 * lanes, lanes, 8, 4, 2, 1))
+    LANES = _largest_divisor(S, (lanes, 8, 4, 2, 1))  # partial max/sum per lane
+    # Broadcast dimensions of the mask index at 0.
+    mb, mh, mi, _ = (int(d != 1) for d in shape.mask_shape)
+    NEG_INF = float("-inf")
+    exp = exp_poly if approximate else exp_expr
+    scores_scope = "local" if S * S * 4 <= STACK_SCORES_BYTES else "global"
+    suffix = "_poly" if approximate else ""
+
+    @T.prim_func
+    def attention(
+        q: T.Buffer((M, shape.q_width), "float32"),
+        k: T.Buffer((M, shape.k_width), "float32"),
+        v: T.Buffer((M, shape.v_width), "float32"),
+        mask: T.Buffer(shape.mask_shape, "float32"),
+        out: T.Buffer((B, S, H, D), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        for bh in T.parallel(B * H):
+            b = bh // H
+            h = bh % H
+            kt = T.alloc_local((D, S))
+            # All S score rows of this head (S x S floats, L1/L2): the softmax loops and
+            # the P @ V loops then stay separate, and the P @ V accumulators keep their
+            # registers (one loop nest with exp's constants live made LLVM spill them).
+            probs = T.alloc_buffer((S, S), "float32", scope=scores_scope)
+            acc = T.alloc_local((MR, NB))
+            out_acc = T.alloc_local((MR, D))
+            row_max = T.alloc_local((S,))
+            row_sum = T.alloc_local((S,))
+            part = T.alloc_local((LANES,))
+            for j, c in T.grid(S, D):
+                kt[c, j] = k[b * S + j, KO + h * D + c]
+            for block in range(S // MR):
+                # scores = Q[block] @ Kt + mask, one mr x nb register tile at a time
+                for tile in range(S // NB):
+                    for ii in T.unroll(MR):
+                        for jl in T.vectorized(NB):
+                            acc[ii, jl] = T.float32(0)
+                    for c in range(D):
+                        for ii in T.unroll(MR):
+                            for jl in T.vectorized(NB):
+                                acc[ii, jl] += (
+                                    q[b * S + block * MR + ii, QO + h * D + c]
+                                    * kt[c, tile * NB + jl]
+                                )
+                    for ii in T.unroll(MR):
+                        # (no let-bound indices inside vectorised loops: TVM mis-lowers them)
+                        for jl in T.vectorized(NB):
+                            probs[block * MR + ii, tile * NB + jl] = (
+                                acc[ii, jl]
+                                + mask[b * mb, h * mh, (block * MR + ii) * mi, tile * NB + jl]
+                            )
+                # exp(s - rowmax) and row sums; lane-wise partials keep both vectorised
+                for ii in range(MR):
+                    i = block * MR + ii
+                    for lane in T.vectorized(LANES):
+                        part[lane] = probs[i, lane]
+                    for chunk in range(1, S // LANES):
+                        for lane in T.vectorized(LANES):
+                            part[lane] = T.max(part[lane], probs[i, chunk * LANES + lane])
+                    row_max[i] = _tree(part, LANES, "max")
+                    for j in T.vectorized(S):
+                        probs[i, j] = exp(probs[i, j] - row_max[i])
+                    for lane in T.vectorized(LANES):
+                        part[lane] = probs[i, lane]
+                    for chunk in range(1, S // LANES):
+                        for lane in T.vectorized(LANES):
+                            part[lane] += probs[i, chunk * LANES + lane]
+                    row_sum[i] = _tree(part, LANES, "sum")
+            for block in range(S // MR):
+                # out[block] = (P @ V) / row_sum, one mr x D register tile
+                for ii in T.unroll(MR):
+                    for c in T.vectorized(D):
+                        out_acc[ii, c] = T.float32(0)
+                for j in range(S):
+                    for ii in T.unroll(MR):
+                        for c in T.vectorized(D):
+                            out_acc[ii, c] += (
+                                probs[block * MR + ii, j] * v[b * S + j, VO + h * D + c]
+                            )
+                for ii in T.unroll(MR):
+                    for c in T.vectorized(D):
+                        out[b, block * MR + ii, h, c] = T.Select(
+                            row_max[block * MR + ii] == T.float32(NEG_INF),
+                            T.float32(0),
+                            out_acc[ii, c] / row_sum[block * MR + ii],
+                        )
+
+    flops = 4 * B * H * S * S * D
+    return attention.with_attrs(
+        {
+            "global_symbol": shape.name() + suffix,
+            # Opaque to FuseOps (FuseTIR would rebuild it without this schedule).
+            "op_pattern": 8,
+            "tirx.is_scheduled": True,
+            "canao.flops": flops,
+        }
+    )
