@@ -172,6 +172,13 @@ def _add_search_parser(commands: argparse._SubParsersAction) -> None:
     search.add_argument(
         "--supernet-steps", type=int, default=200, help="super-network training steps"
     )
+    search.add_argument(
+        "--importance",
+        choices=("first-order", "obert"),
+        default="first-order",
+        help="how the super-network ranks heads/neurons/channels before slicing "
+        "(obert: oBERT's structured Fisher saliency)",
+    )
     search.add_argument("--dev-limit", type=int, help="score candidates on the first N dev rows")
     search.add_argument(
         "--predictor-skip",
@@ -203,7 +210,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
         threads=args.threads,
         seed=args.seed,
         teacher_examples=args.teacher_examples,
-        supernet=SupernetConfig(steps=args.supernet_steps, seed=args.seed),
+        supernet=SupernetConfig(
+            steps=args.supernet_steps, seed=args.seed, importance=args.importance
+        ),
         dev_limit=args.dev_limit,
         predictor_skip=args.predictor_skip,
         rpc=_rpc_address(args),

@@ -29,12 +29,7 @@ from transformers import logging as hf_logging
 
 from canao.nas.finetune import accuracy, encode
 from canao.nas.space import ArchConfig, SearchSpace
-from canao.nas.supernet import (
-    extract,
-    first_order_importance,
-    reorder_by_importance,
-    subnet_logits,
-)
+from canao.nas.supernet import IMPORTANCE, extract, reorder_by_importance, subnet_logits
 from canao.nas.tasks import Split
 
 
@@ -49,6 +44,23 @@ class SupernetConfig:
     max_length: int = 64
     dropout: float = 0.1
     seed: int = 0
+    # How heads, neurons and hidden channels are ranked before slicing: "first-order"
+    # (|dL/dmask|, DynaBERT) or "obert" (oBERT's structured Fisher saliency).
+    importance: str = "first-order"
+
+    def __post_init__(self) -> None:
+        if self.importance not in IMPORTANCE:
+            raise ValueError(
+                f"unknown importance {self.importance!r}; choose one of {', '.join(IMPORTANCE)}"
+            )
+
+    def cache_fields(self) -> dict[str, object]:
+        """What the cache key hashes; the default ordering is left out, so caches made
+        before the ordering was selectable stay valid."""
+        fields = asdict(self)
+        if fields["importance"] == "first-order":
+            del fields["importance"]
+        return fields
 
 
 @dataclass
@@ -67,7 +79,7 @@ def cache_root() -> Path:
 
 
 def supernet_dir(teacher: Path, task: str, space: SearchSpace, config: SupernetConfig) -> Path:
-    fields = [str(teacher), task, asdict(space), asdict(config)]
+    fields = [str(teacher), task, asdict(space), config.cache_fields()]
     key = hashlib.sha256(json.dumps(fields, default=list).encode()).hexdigest()[:12]
     return cache_root() / "supernets" / f"{task}-{key}"
 
@@ -133,9 +145,8 @@ def train_supernet(
     data = batches(tokenizer, train, config.batch_size, config.max_length, rng)
     started = time.perf_counter()
     student = copy.deepcopy(teacher)
-    importance = first_order_importance(
-        student, [next(data) for _ in range(config.importance_batches)]
-    )
+    rank = IMPORTANCE[config.importance]
+    importance = rank(student, [next(data) for _ in range(config.importance_batches)])
     reorder_by_importance(student, importance)
     log = _sandwich(student, teacher, space, data, config, progress)
     info = {

@@ -360,6 +360,11 @@ def structured_fisher_inverse(
     return torch.cholesky_inverse(torch.linalg.cholesky(fisher))
 
 
+def relative_damping(grads: torch.Tensor, relative: float) -> float:
+    """lambda relative to the Fisher's scale mean(g^2): no ranking depends on the loss scale."""
+    return relative * float(grads.double().pow(2).mean().clamp_min(1e-30))
+
+
 def structured_scores(
     mask_grads: torch.Tensor,
     damping: float,

@@ -62,7 +62,7 @@ class PruneConfig:
     stages: int = 1  # 1: one-shot; >1: gradual, ratios on the cubic schedule
     fisher_batches: int = 32  # gradients in the empirical Fisher (m)
     fisher_batch_size: int = 8
-    relative_damping: float = 1e-3  # lambda = this * mean(g^2): scale-free (see _damping)
+    relative_damping: float = 1e-3  # lambda = this * mean(g^2): scale-free (obert.relative_damping)
     finetune_steps: int = 200  # in total, split over the stages
     batch_size: int = 32
     learning_rate: float = 5e-5
@@ -169,11 +169,6 @@ def mask_gradients(
     return torch.stack([g[0] for g in grads]), torch.stack([g[1] for g in grads])
 
 
-def _damping(grads: torch.Tensor, relative: float) -> float:
-    """lambda relative to the Fisher's scale mean(g^2): no ranking depends on the loss scale."""
-    return relative * float(grads.double().pow(2).mean().clamp_min(1e-30))
-
-
 @dataclass
 class StructuredScores:
     heads: torch.Tensor  # [L, H]; higher = more important
@@ -194,7 +189,8 @@ def obert_structured_scores(
             (head_grads[:, layer], scores.heads, scores.head_finv),
             (neuron_grads[:, layer], scores.neurons, scores.neuron_finv),
         ):
-            rho, finv = obert.structured_scores(grads, _damping(grads, relative_damping))
+            damping = obert.relative_damping(grads, relative_damping)
+            rho, finv = obert.structured_scores(grads, damping)
             target[layer] = rho.float()
             finvs.append(finv)
     return scores
@@ -570,7 +566,7 @@ def _prune_linear(
             grads,
             ratio,
             block_size=48 if group == 4 else 50,
-            damping=_damping(grads, config.relative_damping),
+            damping=obert.relative_damping(grads, config.relative_damping),
             group_size=group,
         )
     w.copy_(new)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from transformers import BertForSequenceClassification
 from transformers.activations import ACT2FN
 
+from canao.nas import obert
 from canao.nas.modeling import (
     CanaoBertConfig,
     CanaoBertForSequenceClassification,
@@ -280,6 +281,35 @@ def first_order_importance(
     """
     grads = list(mask_gradients(model, batches))
     return Importance(*(torch.stack(g).abs().sum(0) for g in zip(*grads, strict=True)))
+
+
+def obert_importance(
+    model: BertForSequenceClassification,
+    batches: list[tuple[Mapping[str, torch.Tensor], torch.Tensor]],
+    relative_damping: float = 1e-3,
+) -> Importance:
+    """oBERT's structured saliency ``1 / (2 [F^-1]_jj)`` per unit, from the same mask gradients.
+
+    The empirical Fisher is built per layer over its heads (and over its
+    neurons, and over the hidden channels), so a unit whose loss gradient is
+    correlated with its neighbours' scores lower than first-order importance
+    would rank it: the others can make up for its removal (Kurtic et al. 2022).
+    """
+    grads = [torch.stack(g) for g in zip(*mask_gradients(model, batches), strict=True)]
+    heads, neurons, hidden = grads  # [n, L, H], [n, L, F], [n, d]
+
+    def saliency(layer_grads: torch.Tensor) -> torch.Tensor:
+        damping = obert.relative_damping(layer_grads, relative_damping)
+        return obert.structured_scores(layer_grads, damping)[0].float()
+
+    return Importance(
+        torch.stack([saliency(heads[:, layer]) for layer in range(heads.shape[1])]),
+        torch.stack([saliency(neurons[:, layer]) for layer in range(neurons.shape[1])]),
+        saliency(hidden),
+    )
+
+
+IMPORTANCE = {"first-order": first_order_importance, "obert": obert_importance}
 
 
 @torch.no_grad()

@@ -115,6 +115,36 @@ def _teacher_folder(tmp_path: Path) -> Path:
     return folder
 
 
+def test_obert_ordering_keeps_the_function_and_ranks_by_fisher_saliency() -> None:
+    model, inputs = tiny_teacher(), batch()
+    before = logits(model, inputs)
+    # Three single-example batches: one gradient per example, as oBERT's empirical Fisher.
+    labelled = [
+        ({k: v[i : i + 1] for k, v in inputs.items()}, torch.tensor([i % 2])) for i in range(3)
+    ]
+    importance = sn.obert_importance(model, labelled)
+    assert importance.heads.shape == (3, 4) and importance.neurons.shape == (3, 128)
+    assert importance.hidden.shape == (64,) and (importance.heads > 0).all()
+    # rho_j = 1 / (2 [F^-1]_jj) with F = lambda I + mean g g^T over the layer's head masks.
+    grads = torch.stack([g[0][0] for g in sn.mask_gradients(model, labelled)]).double()
+    fisher = grads.T @ grads / len(labelled)
+    fisher += torch.eye(4) * 1e-3 * grads.pow(2).mean()
+    expected = 1 / (2 * torch.linalg.inv(fisher).diagonal())
+    assert torch.allclose(importance.heads[0].double(), expected, rtol=1e-4)
+    sn.reorder_by_importance(model, importance)
+    assert torch.allclose(logits(model, inputs), before, atol=1e-5)
+
+
+def test_supernet_ordering_is_checked_and_keyed(tmp_path: Path) -> None:
+    from canao.nas.distill import supernet_dir
+
+    with pytest.raises(ValueError, match="unknown importance 'taylor'"):
+        SupernetConfig(importance="taylor")
+    space = SearchSpace.from_teacher(tiny_teacher().config)
+    keys = {supernet_dir(tmp_path, "t", space, SupernetConfig(importance=i)) for i in sn.IMPORTANCE}
+    assert len(keys) == len(sn.IMPORTANCE)
+
+
 def test_supernet_training_is_cached_and_scores_subnetworks(tmp_path: Path) -> None:
     teacher = _teacher_folder(tmp_path)
     texts = tuple((f"a {'good' if i % 2 else 'bad'} film number {i}",) for i in range(64))
