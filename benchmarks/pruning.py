@@ -42,6 +42,7 @@ def row(task: str, config: PruneConfig, report: dict) -> dict[str, object]:
         "latency_ms": latency["median_ms"]["pruned"],
         "teacher_ms": latency["median_ms"]["teacher"],
         "speedup": latency["speedup"],
+        "finetune_steps": config.finetune_steps,
         "arch": report["arch"],
         "layer_ratios": report["layer_ratios"],
     }
@@ -65,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     detail = (
         f"MiniLM-L6 teachers ({args.teacher_examples} training examples at most), seq 128, "
-        f"1 thread, {args.steps} distillation steps after pruning"
+        "1 thread; finetune_steps: distillation steps after pruning"
     )
     rows = []
     if args.append and (RESULTS / "pruning.csv").is_file():
