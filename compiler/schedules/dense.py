@@ -57,13 +57,13 @@ def vector_lanes(target: object) -> int:
 
 def choose_tiling(target: object) -> DenseTiling:
     lanes = vector_lanes(target)
-    registers = 32 if lanes >= 16 or _is_aarch64(target) else 16
+    registers = 32 if lanes >= 16 or is_aarch64(target) else 16
     nb = 2 * lanes
     mr = 8 if registers == 32 else 6
     return DenseTiling(mr=mr, nb=nb)
 
 
-def _is_aarch64(target: object) -> bool:
+def is_aarch64(target: object) -> bool:
     return "aarch64" in str(getattr(target, "attrs", {}).get("mtriple", ""))
 
 
