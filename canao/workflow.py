@@ -69,8 +69,8 @@ def compile_and_verify(
     if rpc is not None:
         with tempfile.TemporaryDirectory(prefix="canao-verify-") as tmp:
             library = export_library(compiled, Path(tmp) / "model.so")
-            runner = remote_runner(library, rpc, compiled.target.device_type, rpc_timeout_s)
-            verify(compiled, lambda x: runner.run(x, INPUT_NAMES), rpc.label, tolerance)
+            with remote_runner(library, rpc, compiled.target.device_type, rpc_timeout_s) as runner:
+                verify(compiled, lambda x: runner.run(x, INPUT_NAMES), rpc.label, tolerance)
     elif can_run_locally(compiled):
         verify_locally(compiled, tolerance)
     else:

@@ -56,7 +56,7 @@ def cpu_stages(
     from tvm.relax.backend.cpu_generic.pipeline import dataflow_lower_passes, finalize_passes
     from tvm.s_tir import dlight
 
-    from canao.compiler.schedules.dense import choose_tiling, is_aarch64, vector_lanes
+    from canao.compiler.schedules.dense import choose_tiling, vector_lanes
     from canao.compiler.schedules.pack_dense import pack_dense_weights
     from canao.compiler.schedules.rules import default_rules
     from canao.compiler.schedules.vector_math import vectorised_math
@@ -92,11 +92,9 @@ def cpu_stages(
             pack_dense_weights(tiling, fuse_epilogues=canao_fusion, approximate=approximate),
         ),
         # Q/K/V slices -> one attention kernel (needs the packed Q/K/V output and the softmax).
-        # x86 only for now: on the emulated aarch64 board the module hangs the RPC
-        # server (undiagnosed), so arm64 keeps TVM's attention kernels until it is fixed.
         *(
             [("fuse_attention", fuse_attention(vector_lanes(target), approximate))]
-            if canao_fusion and not is_aarch64(target)
+            if canao_fusion
             else []
         ),
         ("vectorised_math", vectorised_math(approximate)),  # libm's scalar expf/erff would dominate

@@ -90,10 +90,10 @@ def measure(
     elif rpc is None:
         seconds, output, used_threads = _measure_in_child(workload, inputs, protocol, threads)
     else:
-        runner = remote_runner(workload.library, rpc, workload.device_type, rpc_timeout_s)
-        output = runner.run(inputs, workload.input_names)
-        seconds = runner.time(inputs, workload.input_names, protocol)
-        used_threads = runner.threads()
+        with remote_runner(workload.library, rpc, workload.device_type, rpc_timeout_s) as runner:
+            output = runner.run(inputs, workload.input_names)
+            seconds = runner.time(inputs, workload.input_names, protocol)
+            used_threads = runner.threads()
     measurement = make_measurement(
         seconds,
         key=key,

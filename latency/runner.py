@@ -65,6 +65,22 @@ class DeviceRunner:
         getter = (self.session or _LocalFunctions()).get_function("runtime.NumThreads")
         return int(getter())
 
+    def close(self) -> None:
+        """Release the library, the device and the RPC session now.
+
+        A standalone RPC server serves one session at a time, and the session ends
+        only when its last remote object is freed. Left to Python, that can wait for
+        the cycle collector (a frame kept by a traceback or ``inspect.stack()`` keeps
+        the runner), and the next connect to the board then times out.
+        """
+        self.vm = self.device = self.session = None
+
+    def __enter__(self) -> DeviceRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class _LocalFunctions:
     def get_function(self, name: str) -> Any:

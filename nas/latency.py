@@ -98,10 +98,11 @@ class LatencyEvaluator:
         with tempfile.TemporaryDirectory(prefix="canao-candidate-") as tmp:
             library = export_library(compiled, Path(tmp) / "model.so")
             if self.rpc is not None:
-                runner = remote_runner(
+                # Closed before measure() connects: a board serves one session at a time.
+                with remote_runner(
                     library, self.rpc, compiled.target.device_type, self.rpc_timeout_s
-                )
-                verify(compiled, lambda x: runner.run(x, INPUT_NAMES), self.rpc.label)
+                ) as runner:
+                    verify(compiled, lambda x: runner.run(x, INPUT_NAMES), self.rpc.label)
             else:
                 verify_locally(compiled)
             workload = Workload(

@@ -57,6 +57,9 @@ def test_runs_on_emulated_arm_board_with_matching_outputs(tmp_path: Path) -> Non
         assert compiled.numerics is not None
         assert compiled.numerics["device"] == address.label
         assert compiled.numerics["max_abs_diff"] < 1e-4  # type: ignore[operator]
+        # canao's own attention kernel (NEON, 4 lanes) is part of what ran there.
+        kernels = [str(gv.name_hint) for gv in compiled.lowered.functions]
+        assert any(name.startswith("canao_attention") for name in kernels), kernels
         # And the latency protocol over RPC (emulated timings: correctness, not speed).
         folder = export_artifact(compiled, tmp_path / "arm")
         workload = Workload(

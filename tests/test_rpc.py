@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 import time
 
 import numpy as np
 import pytest
 
-from canao.compiler.importer import example_inputs, torch_reference
+from canao.compiler.importer import INPUT_NAMES, example_inputs, torch_reference
 from canao.errors import DeviceUnreachableError
 from canao.latency.measure import measure
 from canao.latency.protocol import Protocol
-from canao.latency.rpc import LocalRPC, RPCAddress, connect, free_port
+from canao.latency.rpc import LocalRPC, RPCAddress, connect, free_port, remote_runner
 from tests.test_latency import tiny_workload  # noqa: F401  (shared module fixture)
 
 
@@ -38,6 +39,26 @@ def test_direct_server(tiny_workload) -> None:  # noqa: F811
     with LocalRPC(key="direct", use_tracker=False) as cluster:
         run = measure(workload, inputs, protocol=Protocol(warmup=0, repeats=2), rpc=cluster.server)
         assert run.measurement.device == f"rpc://127.0.0.1:{cluster.server_port}"
+
+
+def test_closed_runner_frees_the_board_for_the_next_session(tiny_workload) -> None:  # noqa: F811
+    """A standalone server serves one session at a time: the runner must end its session.
+
+    A reference cycle (as a stored traceback or ``inspect.stack()`` makes) keeps the
+    runner itself alive with the collector off; the next connect must still get in.
+    """
+    workload, _ = tiny_workload
+    inputs = example_inputs(1000, 1, 16)
+    with LocalRPC(key="single", use_tracker=False) as cluster:
+        gc.disable()
+        try:
+            with remote_runner(workload.library, cluster.server, timeout_s=10) as runner:
+                kept: list[object] = [runner]
+                kept.append(kept)
+                assert runner.run(inputs, INPUT_NAMES).shape == (1, 16, 64)
+            assert connect(cluster.server, timeout_s=10) is not None
+        finally:
+            gc.enable()
 
 
 def test_unreachable_device_fails_fast() -> None:
