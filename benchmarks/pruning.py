@@ -48,6 +48,24 @@ def row(task: str, config: PruneConfig, report: dict) -> dict[str, object]:
     }
 
 
+METHOD_ORDER = {"aebert": 0, "obert": 1, "magnitude": 2}
+
+
+def ordered(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows by task (as first seen), structured before unstructured, method, ratio.
+
+    Appended runs would otherwise land in the order they happened to be run.
+    """
+    tasks = {task: i for i, task in enumerate(dict.fromkeys(table.task))}
+    key = table.assign(
+        _task=table.task.map(tasks),
+        _unstructured=table.granularity != "structured",
+        _method=table.method.map(METHOD_ORDER),
+    )
+    columns = ["_task", "_unstructured", "_method", "ratio"]
+    return table.loc[key.sort_values(columns, kind="stable").index].reset_index(drop=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="sst2,rte")
@@ -106,7 +124,7 @@ def main() -> None:
             report = run_prune(job, log=lambda m: None)
             rows.append(row(task, config, report))
             # Published after every run: a long benchmark interrupted keeps what it measured.
-            table = pd.DataFrame(rows)
+            table = ordered(pd.DataFrame(rows))
             shown = table.drop(columns=["layer_ratios"]).round(4)
             publish(table, shown, "pruning", f"Pruning on dev. {header(detail)}")
 
