@@ -149,6 +149,21 @@ def test_kernel_against_numpy(shape: AttentionShape, approximate: bool) -> None:
     np.testing.assert_allclose(out, _reference(shape, q, k, v, mask), atol=tolerance)
 
 
+@pytest.mark.parametrize("lanes", [16, 8, 4], ids=["avx512", "avx2", "neon"])
+def test_tile_heights_follow_the_register_budget(lanes: int) -> None:
+    """D=64 heads: P @ V takes shorter tiles than Q K^T; results do not depend on it."""
+    shape = AttentionShape(1, 32, 2, 64, 384, 384, 384, 0, 128, 256, (1, 1, 1, 32))
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal((32, 384)).astype(np.float32) for _ in range(3))
+    mask = np.zeros(shape.mask_shape, np.float32)
+    kernel = attention_primfunc(shape, lanes)
+    lib = tvm.compile(tvm.IRModule({"attention": kernel}))
+    out = np.zeros((1, 32, 2, 64), np.float32)
+    args = [tvm.runtime.tensor(a) for a in (q, k, v, mask, out)]
+    lib[str(kernel.attrs["global_symbol"])](*args)
+    np.testing.assert_allclose(args[-1].numpy(), _reference(shape, q, k, v, mask), atol=2e-5)
+
+
 def test_scale_left_between_the_products_is_not_fused() -> None:
     """A graph that is not exactly the attention pattern stays as it was."""
     text = (

@@ -8,6 +8,7 @@ from transformers import BertConfig
 
 from canao.cli import main
 from canao.latency.cache import LatencyCache
+from canao.latency.protocol import Protocol
 from canao.nas.latency import LatencyEvaluator
 from canao.nas.space import ArchConfig
 
@@ -27,6 +28,22 @@ def test_candidates_are_compiled_checked_measured_and_cached(tmp_path: Path) -> 
     assert again.cached and again.median_ms == first.median_ms
     assert evaluator.cached(large) is None
     assert evaluator(large).median_ms > 0
+
+
+def test_candidates_measured_on_a_board_that_serves_one_session_at_a_time() -> None:
+    """Verify and measure each open a session: the first must end before the second."""
+    from canao.latency.rpc import LocalRPC
+
+    with LocalRPC(key="board", use_tracker=False) as board:
+        evaluator = LatencyEvaluator(
+            TINY_BASE,
+            seq=16,
+            protocol=Protocol(warmup=0, repeats=2),
+            rpc=board.server,
+            rpc_timeout_s=10,
+        )
+        result = evaluator(ArchConfig(32, (1,), (64,), 16))
+    assert result.median_ms > 0 and result.max_abs_diff is not None
 
 
 @pytest.mark.parametrize(

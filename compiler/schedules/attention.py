@@ -88,6 +88,16 @@ def _tree(buffer: Any, width: int, kind: str) -> Any:
 STACK_SCORES_BYTES = 256 * 1024
 
 
+def _vector_registers(lanes: int) -> int:
+    """Architectural vector registers: AVX2 (8 fp32 lanes) has 16; AVX-512 and NEON have 32."""
+    return 16 if lanes == 8 else 32
+
+
+def _rows_within(budget: int, vectors_per_row: int) -> tuple[int, ...]:
+    """Candidate tile heights whose accumulators fit ``budget`` registers, tallest first."""
+    return (*(m for m in (8, 4, 2) if m * vectors_per_row <= budget), 1)
+
+
 def attention_primfunc(shape: AttentionShape, lanes: int = 16, approximate: bool = False) -> Any:
     """The scheduled TIR kernel for one attention shape.
 
@@ -99,9 +109,13 @@ def attention_primfunc(shape: AttentionShape, lanes: int = 16, approximate: bool
     B, S, H, D = shape.batch, shape.seq, shape.heads, shape.head_dim
     M = B * S
     QO, KO, VO = shape.q_offset, shape.k_offset, shape.v_offset
-    # Register tiles: mr score rows x nb score columns (two vectors), as the dense kernels.
-    MR = _largest_divisor(S, (8, 4, 2, 1))
+    # Register tiles: mr score rows x nb score columns (two vectors), as the dense kernels,
+    # and mrv output rows x D for P @ V. Each keeps its accumulators in at most half the
+    # vector registers: 8 rows x D=64 would take all 32 zmm and spill (BERT-base heads).
     NB = _largest_divisor(S, (2 * lanes, lanes, 8, 4, 2, 1))
+    budget = _vector_registers(lanes) // 2
+    MR = _largest_divisor(S, _rows_within(budget, -(-NB // lanes)))
+    MRV = _largest_divisor(S, _rows_within(budget, -(-D // lanes)))
     LANES = _largest_divisor(S, (lanes, 8, 4, 2, 1))  # partial max/sum per lane
     # Broadcast dimensions of the mask index at 0.
     mb, mh, mi, _ = (int(d != 1) for d in shape.mask_shape)
@@ -128,7 +142,7 @@ def attention_primfunc(shape: AttentionShape, lanes: int = 16, approximate: bool
             # registers (one loop nest with exp's constants live made LLVM spill them).
             probs = T.alloc_buffer((S, S), "float32", scope=scores_scope)
             acc = T.alloc_local((MR, NB))
-            out_acc = T.alloc_local((MR, D))
+            out_acc = T.alloc_local((MRV, D))
             row_max = T.alloc_local((S,))
             row_sum = T.alloc_local((S,))
             part = T.alloc_local((LANES,))
@@ -171,23 +185,23 @@ def attention_primfunc(shape: AttentionShape, lanes: int = 16, approximate: bool
                         for lane in T.vectorized(LANES):
                             part[lane] += probs[i, chunk * LANES + lane]
                     row_sum[i] = _tree(part, LANES, "sum")
-            for block in range(S // MR):
+            for block in range(S // MRV):
                 # out[block] = (P @ V) / row_sum, one mr x D register tile
-                for ii in T.unroll(MR):
+                for ii in T.unroll(MRV):
                     for c in T.vectorized(D):
                         out_acc[ii, c] = T.float32(0)
                 for j in range(S):
-                    for ii in T.unroll(MR):
+                    for ii in T.unroll(MRV):
                         for c in T.vectorized(D):
                             out_acc[ii, c] += (
-                                probs[block * MR + ii, j] * v[b * S + j, VO + h * D + c]
+                                probs[block * MRV + ii, j] * v[b * S + j, VO + h * D + c]
                             )
-                for ii in T.unroll(MR):
+                for ii in T.unroll(MRV):
                     for c in T.vectorized(D):
-                        out[b, block * MR + ii, h, c] = T.Select(
-                            row_max[block * MR + ii] == T.float32(NEG_INF),
+                        out[b, block * MRV + ii, h, c] = T.Select(
+                            row_max[block * MRV + ii] == T.float32(NEG_INF),
                             T.float32(0),
-                            out_acc[ii, c] / row_sum[block * MR + ii],
+                            out_acc[ii, c] / row_sum[block * MRV + ii],
                         )
 
     flops = 4 * B * H * S * S * D
