@@ -111,7 +111,8 @@ def attention_primfunc(shape: AttentionShape, lanes: int = 16, approximate: bool
     QO, KO, VO = shape.q_offset, shape.k_offset, shape.v_offset
     # Register tiles: mr score rows x nb score columns (two vectors), as the dense kernels,
     # and mrv output rows x D for P @ V. Each keeps its accumulators in at most half the
-    # vector registers: 8 rows x D=64 would take all 32 zmm and spill (BERT-base heads).
+    # vector registers, leaving room for loads and broadcasts: 8 rows x 2 vectors took all
+    # 16 AVX2 registers (the kernel ran 1.12-1.18x slower), 8 rows x D=32 needs 64 NEON ones.
     NB = _largest_divisor(S, (2 * lanes, lanes, 8, 4, 2, 1))
     budget = _vector_registers(lanes) // 2
     MR = _largest_divisor(S, _rows_within(budget, -(-NB // lanes)))
