@@ -187,7 +187,7 @@ def attention_primfunc(shape: AttentionShape, lanes: int = 16, approximate: bool
                             part[lane] += probs[i, chunk * LANES + lane]
                     row_sum[i] = _tree(part, LANES, "sum")
             for block in range(S // MRV):
-                # out[block] = (P @ V) / row_sum, one mr x D register tile
+                # out[block] = (P @ V) / row_sum, one mrv x D register tile
                 for ii in T.unroll(MRV):
                     for c in T.vectorized(D):
                         out_acc[ii, c] = T.float32(0)
