@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_search_parser(commands)
     _add_prune_parser(commands)
+    _add_predict_parser(commands)
 
     lst = commands.add_parser("list", help="list targets, pipelines and model presets")
     lst.set_defaults(run=_cmd_list)
@@ -135,12 +136,7 @@ def _add_search_parser(commands: argparse._SubParsersAction) -> None:
             "depth/width variants whose latency is measured on the compiled artifact."
         ),
     )
-    search.add_argument(
-        "--task",
-        default="movie-reviews",
-        help="movie-reviews (default), sst2, rte, a GLUE "
-        "name, hub:glue/<task>, or a folder with train.tsv and dev.tsv",
-    )
+    _add_task_args(search, "movie-reviews")
     search.add_argument("--target", default="x86", help="x86 (default), arm64 or cuda")
     search.add_argument(
         "--latency-ms", type=float, help="latency target (default: half the teacher's)"
@@ -191,12 +187,44 @@ def _add_search_parser(commands: argparse._SubParsersAction) -> None:
     search.set_defaults(run=_cmd_search)
 
 
+def _add_task_args(parser: argparse.ArgumentParser, default: str) -> None:
+    data = parser.add_argument_group("task data")
+    data.add_argument(
+        "--task",
+        help=f"{default} (default), a GLUE name (sst2, rte, mrpc, ...), movie-reviews, "
+        "hub:glue/<task>, a data file (CSV, TSV with or without header, JSON Lines, Parquet; "
+        "dev is held out of it) or a folder of train/validation(dev)/test files",
+    )
+    data.add_argument("--train", metavar="FILE", help="training file (instead of --task)")
+    data.add_argument(
+        "--dev", metavar="FILE", help="dev file with --train (default: 10%% held out of train)"
+    )
+    data.add_argument(
+        "--text-columns",
+        metavar="A[,B]",
+        type=lambda text: tuple(c.strip() for c in text.split(",") if c.strip()),
+        help="text column(s) of the files: names, or 0-based positions in header-less files",
+    )
+    data.add_argument("--label-column", metavar="Y", help="label column of the files")
+    parser.set_defaults(default_task=default)
+
+
+def _task(args: argparse.Namespace):  # -> str | TaskSpec
+    """The task the data flags name: a plain name/path where that says it all, else a TaskSpec."""
+    from canao.nas.tasks import TaskSpec
+
+    source = args.task if args.task is not None or args.train else args.default_task
+    if args.train is None and args.dev is None and not args.text_columns and not args.label_column:
+        return source
+    return TaskSpec(source, args.train, args.dev, args.text_columns or None, args.label_column)
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     from canao.nas.distill import SupernetConfig
     from canao.nas.job import SearchJob, run_job
 
     job = SearchJob(
-        task=args.task,
+        task=_task(args),
         target=args.target,
         latency_ms=args.latency_ms,
         controller=args.controller,
@@ -234,7 +262,7 @@ def _add_prune_parser(commands: argparse._SubParsersAction) -> None:
         default="structured",
         help="structured (heads and FFN neurons; default), unstructured, block4",
     )
-    prune.add_argument("--task", default="rte", help="rte (default), sst2, movie-reviews, ...")
+    _add_task_args(prune, "rte")
     prune.add_argument("--stages", type=int, default=1, help="1: one-shot; more: cubic gradual")
     prune.add_argument("--finetune-steps", type=int, default=200)
     prune.add_argument("--threads", type=int, default=1)
@@ -258,9 +286,10 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         finetune_steps=args.finetune_steps,
         seed=args.seed,
     )  # raises PruningError on a bad method, ratio or granularity
-    load_task(args.task)  # a bad task name fails before the teacher is trained
+    task = _task(args)
+    load_task(task)  # a bad task name fails before the teacher is trained
     job = PruneJob(
-        task=args.task,
+        task=task,
         config=config,
         out=args.out,
         seq=args.seq,
@@ -268,6 +297,53 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         measure=not args.no_measure,
     )
     run_prune(job)
+    return 0
+
+
+def _add_predict_parser(commands: argparse._SubParsersAction) -> None:
+    predict = commands.add_parser(
+        "predict",
+        help="classify texts with a shipped model (a search winner), running its compiled library",
+    )
+    predict.add_argument("folder", type=Path, metavar="DIR", help="e.g. canao-search/winner")
+    predict.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
+    predict.add_argument(
+        "--file",
+        type=Path,
+        help="texts from a file: one per line (.txt; pairs tab-separated), or a CSV, TSV, "
+        "JSON Lines or Parquet file whose text column(s) are detected or named",
+    )
+    predict.add_argument(
+        "--text-columns",
+        metavar="A[,B]",
+        type=lambda text: tuple(c.strip() for c in text.split(",") if c.strip()),
+        help="text column(s) of --file",
+    )
+    predict.add_argument(
+        "--pairs", action="store_true", help="sentence pairs: TEXT arguments taken two by two"
+    )
+    predict.add_argument("--json", action="store_true", help="one JSON object per line")
+    predict.add_argument("--rpc", metavar="HOST:PORT", help="run on a board: RPC server/tracker")
+    predict.add_argument("--key", help="device key at the RPC tracker named by --rpc")
+    predict.set_defaults(run=_cmd_predict)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from canao.deploy import load, read_texts
+
+    texts = read_texts(args.texts, args.file, args.pairs, args.text_columns)
+    with load(args.folder, rpc=_rpc_address(args)) as predictor:
+        predictions = predictor.predict(texts)
+    for item in predictions:
+        if args.json:
+            text = list(item.text) if isinstance(item.text, tuple) else item.text
+            row = {"text": text, "label": item.label, "probabilities": item.probabilities}
+            print(json.dumps(row, ensure_ascii=False))
+        else:
+            shown = " ||| ".join(item.text) if isinstance(item.text, tuple) else item.text
+            print(f"{item.label}\t{item.probabilities[item.label]:.4f}\t{shown}")
     return 0
 
 
@@ -384,7 +460,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `canao predict DIR --pairs "a" "b"`: argparse gives texts after an option back as extra.
+    if extra and hasattr(args, "texts") and not any(e.startswith("-") for e in extra):
+        args.texts = [*args.texts, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.run(args))
     except CanaoError as err:

@@ -19,6 +19,10 @@ class UnknownTargetError(CanaoError):
     """A target name not in the target map."""
 
 
+class ToolchainError(CanaoError):
+    """A compiler or linker this target needs that is missing or cannot link here."""
+
+
 class UnknownPipelineError(CanaoError):
     """A pipeline name not in the pipeline map."""
 

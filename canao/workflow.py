@@ -35,7 +35,9 @@ def preflight(
     from canao.compiler.targets import get_target
     from canao.latency.rpc import connect
 
-    tvm_target = get_target(target).tvm_target()
+    spec = get_target(target)
+    spec.check_toolchain()  # a missing cross linker fails here, not after the build
+    tvm_target = spec.tvm_target()
     for name in pipelines:
         get_pipeline(name, tvm_target)
     if rpc is not None:

@@ -8,6 +8,7 @@ target, pipeline, input shapes, kernel counts, numerics check and versions.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -60,6 +61,12 @@ class CompiledModel:
                 "class": type(self.model.module).__name__,
             },
             "arch": self.model.arch(),
+            # Classifier width (None for an encoder without a head): what a loader must match.
+            "num_labels": (
+                int(self.model.config.num_labels)
+                if type(self.model.module).__name__.endswith("ForSequenceClassification")
+                else None
+            ),
             "target": {
                 "name": self.target.name,
                 "tvm": str(self.target.tvm_target()),
@@ -137,10 +144,20 @@ def export_library(compiled: CompiledModel, path: Path) -> Path:
 def export_artifact(compiled: CompiledModel, out_dir: str | Path) -> Path:
     """Write ``model.so`` and ``manifest.json`` into ``out_dir``; return the folder."""
     folder = Path(out_dir)
-    export_library(compiled, folder / LIBRARY_NAME)
-    manifest = json.dumps(compiled.manifest(), indent=2, sort_keys=True)
+    library = export_library(compiled, folder / LIBRARY_NAME)
+    # The library's digest, so a loader can tell the .so is the one this manifest describes.
+    fields = {**compiled.manifest(), "library_sha256": file_sha256(library)}
+    manifest = json.dumps(fields, indent=2, sort_keys=True)
     (folder / MANIFEST_NAME).write_text(manifest + "\n", encoding="utf-8")
     return folder
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:

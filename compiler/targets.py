@@ -8,12 +8,29 @@ device runs it. Add a target by adding one entry to :data:`TARGETS`
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import subprocess
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from canao.errors import UnknownTargetError
+from canao.errors import ToolchainError, UnknownTargetError
+
+# What a failed probe link says, and the Debian package that provides what is missing.
+# Order matters: the first match names the package.
+_LINK_FAILURE_PACKAGES: tuple[tuple[str, str], ...] = (
+    ("crti.o", "libc6-dev-arm64-cross"),
+    ("crtn.o", "libc6-dev-arm64-cross"),
+    ("cannot find -lc", "libc6-dev-arm64-cross"),
+    ("stdio.h", "libc6-dev-arm64-cross"),
+    ("as: not found", "binutils-aarch64-linux-gnu"),
+    ("cannot execute 'as'", "binutils-aarch64-linux-gnu"),
+    ("cannot execute 'ld'", "binutils-aarch64-linux-gnu"),
+    ("cannot execute: ld", "binutils-aarch64-linux-gnu"),
+)
 
 
 @dataclass(frozen=True)
@@ -24,6 +41,7 @@ class TargetSpec:
     make_tvm_target: Callable[[], object]  # builds a tvm.target.Target (lazily: TVM is heavy)
     cross_compiler: str | None = None  # C compiler that links the .so; None = host compiler
     triple: str = ""  # machine the library runs on, recorded in the manifest
+    compiler_package: str = ""  # Debian package that provides ``cross_compiler``
 
     def tvm_target(self) -> object:
         return self.make_tvm_target()
@@ -32,14 +50,55 @@ class TargetSpec:
         """The ``fcompile`` for ``export_library``; None means TVM's host default."""
         if self.cross_compiler is None:
             return None
-        if shutil.which(self.cross_compiler) is None:
-            raise UnknownTargetError(
-                f"target {self.name!r} needs the cross compiler {self.cross_compiler!r}, "
-                "which is not on PATH (Debian: apt-get install gcc-aarch64-linux-gnu)"
-            )
+        self.check_toolchain()
         from tvm.support import cc
 
         return cc.cross_compiler(self.cross_compiler)
+
+    def check_toolchain(self) -> None:
+        """Fail in one line, before any build, if this target's library cannot be linked here.
+
+        A cross compiler on PATH is not enough: without its C library (Debian's
+        ``libc6-dev-arm64-cross``) every link fails with ``cannot find crti.o`` after the
+        whole model has been compiled. So link a trivial shared library, once per process.
+        """
+        if self.cross_compiler is None:
+            return
+        problem = _probe_link(self.cross_compiler, self.compiler_package)
+        if problem is not None:
+            raise ToolchainError(f"target {self.name!r} cannot link here: {problem}")
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_link(compiler: str, compiler_package: str) -> str | None:
+    """Why ``compiler`` cannot link a shared library, or None if it can (cached)."""
+    package_hint = f" (Debian: apt-get install {compiler_package})" if compiler_package else ""
+    if shutil.which(compiler) is None:
+        return f"the cross compiler {compiler!r} is not on PATH{package_hint}"
+    with tempfile.TemporaryDirectory(prefix="canao-linkprobe-") as tmp:
+        source = Path(tmp) / "probe.c"
+        source.write_text("int canao_probe(int x) { return x + 1; }\n", encoding="utf-8")
+        command = [compiler, "-shared", "-fPIC", "-o", str(Path(tmp) / "probe.so"), str(source)]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            return f"{compiler!r} did not run: {error}"
+    if result.returncode == 0:
+        return None
+    output = result.stderr + result.stdout
+    for clue, package in _LINK_FAILURE_PACKAGES:
+        if clue in output:
+            return (
+                f"{compiler!r} cannot link a shared library ({_first_error_line(output)}); "
+                f"install {package} (Debian: apt-get install {package})"
+            )
+    return f"{compiler!r} cannot link a shared library: {_first_error_line(output)}"
+
+
+def _first_error_line(output: str) -> str:
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower() or "cannot" in line.lower()]
+    return (errors or lines or ["no output"])[0]
 
 
 def _host_cpu_target() -> object:
@@ -85,6 +144,7 @@ TARGETS: dict[str, TargetSpec] = {
         _aarch64_target,
         cross_compiler="aarch64-linux-gnu-gcc",
         triple="aarch64-linux-gnu",
+        compiler_package="gcc-aarch64-linux-gnu",
     ),
     "cuda": TargetSpec(
         "cuda",

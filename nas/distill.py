@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -81,7 +82,8 @@ def cache_root() -> Path:
 def supernet_dir(teacher: Path, task: str, space: SearchSpace, config: SupernetConfig) -> Path:
     fields = [str(teacher), task, asdict(space), config.cache_fields()]
     key = hashlib.sha256(json.dumps(fields, default=list).encode()).hexdigest()[:12]
-    return cache_root() / "supernets" / f"{task}-{key}"
+    safe_task = re.sub(r"[^A-Za-z0-9_.-]+", "_", task)  # paths and hub names
+    return cache_root() / "supernets" / f"{safe_task}-{key}"
 
 
 def load_teacher(path: Path) -> tuple[BertForSequenceClassification, BertTokenizerFast]:

@@ -21,12 +21,20 @@ import torch
 from transformers import BertForSequenceClassification, BertTokenizerFast
 
 from canao.compiler.models import minilm_path
-from canao.nas.tasks import Split, default_glue_root, load_task, num_labels
+from canao.nas.tasks import (
+    Split,
+    TaskLike,
+    as_spec,
+    default_glue_root,
+    load_task,
+    num_labels,
+    task_name,
+)
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    task: str = "sst2"
+    task: TaskLike = "sst2"
     epochs: int = 1
     batch_size: int = 32
     learning_rate: float = 5e-5
@@ -37,10 +45,11 @@ class FinetuneConfig:
 
 def teacher_dir(config: FinetuneConfig, base_model: Path, data_root: Path) -> Path:
     """Cache folder: one per (base model, data, settings)."""
-    fields = [str(base_model), str(data_root), asdict(config)]
-    key = hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:12]
+    settings = {**asdict(config), "task": as_spec(config.task).fingerprint()}
+    fields = [str(base_model), str(data_root), settings]
+    key = hashlib.sha256(json.dumps(fields, default=str).encode()).hexdigest()[:12]
     cache = Path(os.environ.get("CANAO_CACHE_DIR") or Path.home() / ".cache" / "canao")
-    safe_task = re.sub(r"[^A-Za-z0-9_.-]+", "_", config.task)  # hub names and paths
+    safe_task = re.sub(r"[^A-Za-z0-9_.-]+", "_", task_name(config.task))  # hub names, paths
     return cache / "teachers" / f"{safe_task}-{key}"
 
 
@@ -61,6 +70,28 @@ def encode(
     )
 
 
+def predict_labels(
+    model: torch.nn.Module,
+    tokenizer: BertTokenizerFast,
+    split: Split,
+    max_length: int,
+    batch_size: int = 128,
+) -> np.ndarray:
+    """The predicted label id of every example, in ``split``'s order.
+
+    Batches of similar length pad little; the order is restored before returning.
+    """
+    model.eval()
+    order = sorted(range(len(split)), key=lambda i: sum(len(t) for t in split.texts[i]))
+    predicted = np.zeros(len(split), dtype=np.int64)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = encode(tokenizer, [split.texts[i] for i in rows], max_length)
+            predicted[rows] = model(**batch).logits.argmax(-1).numpy()
+    return predicted
+
+
 def accuracy(
     model: torch.nn.Module,
     tokenizer: BertTokenizerFast,
@@ -68,17 +99,9 @@ def accuracy(
     max_length: int,
     batch_size: int = 128,
 ) -> float:
-    """Fraction of ``split`` predicted right; batches of similar length pad little."""
-    model.eval()
-    order = sorted(range(len(split)), key=lambda i: sum(len(t) for t in split.texts[i]))
-    correct = 0
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            batch = encode(tokenizer, [split.texts[i] for i in rows], max_length)
-            predicted = model(**batch).logits.argmax(-1).numpy()
-            correct += int((predicted == np.array([split.labels[i] for i in rows])).sum())
-    return correct / max(len(split), 1)
+    """Fraction of ``split`` predicted right."""
+    predicted = predict_labels(model, tokenizer, split, max_length, batch_size)
+    return float((predicted == np.asarray(split.labels)).sum()) / max(len(split), 1)
 
 
 def finetune(
@@ -96,8 +119,19 @@ def finetune(
     data = load_task(config.task, glue_root)
     torch.manual_seed(config.seed)
     tokenizer = BertTokenizerFast.from_pretrained(str(base_model), local_files_only=True)
+    names = data["train"].label_names
+    labels = num_labels(data)
+    # The label names travel in the checkpoint's config, so a winner predicts names, not ids.
+    id2label = {i: name for i, name in enumerate(names)} if names else None
     model = BertForSequenceClassification.from_pretrained(
-        str(base_model), num_labels=num_labels(data), local_files_only=True
+        str(base_model),
+        num_labels=labels,
+        local_files_only=True,
+        **(
+            {"id2label": id2label, "label2id": {n: i for i, n in id2label.items()}}
+            if id2label
+            else {}
+        ),
     )
     train = data["train"]
     count = len(train) if config.train_limit is None else min(config.train_limit, len(train))
@@ -134,6 +168,7 @@ def finetune(
         json.dumps(
             {
                 **asdict(config),
+                "task": task_name(config.task),
                 "dev_accuracy": dev_accuracy,
                 "train_examples": count,
                 "seconds": round(time.perf_counter() - started, 1),

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from canao.latency.cache import LatencyCache
 from canao.latency.protocol import Protocol
@@ -28,12 +29,12 @@ from canao.nas.distill import (
     SuperNet,
     SupernetConfig,
     cache_root,
-    dev_accuracy,
     load_teacher,
     train_supernet,
 )
-from canao.nas.finetune import FinetuneConfig, finetune
+from canao.nas.finetune import FinetuneConfig, finetune, predict_labels
 from canao.nas.latency import LatencyEvaluator, LatencyResult
+from canao.nas.metrics import beats_majority, compute, describe, majority_scores, metric_names
 from canao.nas.search import (
     SearchSettings,
     best_trial,
@@ -43,14 +44,15 @@ from canao.nas.search import (
     trials_frame,
 )
 from canao.nas.space import ArchConfig
-from canao.nas.tasks import Split, load_task
+from canao.nas.supernet import extract
+from canao.nas.tasks import Split, TaskLike, load_task, task_name
 
 Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
 class SearchJob:
-    task: str = "movie-reviews"
+    task: TaskLike = "movie-reviews"  # a name, a path, or a TaskSpec (files and columns)
     target: str = "x86"
     latency_ms: float | None = None  # None: half of the teacher's measured latency
     controller: str = "evolution"
@@ -77,24 +79,44 @@ class SearchJob:
 
 @dataclass
 class SupernetEvaluator:
-    """Accuracy of the extracted sub-network on the dev split; latency as canao ships it."""
+    """The task's metrics of the extracted sub-network on dev; latency as canao ships it.
+
+    ``accuracy`` is the search's score on every task; ``metrics`` adds the task's own (F1,
+    Matthews correlation, macro-F1) and ``majority`` what the majority class scores.
+    """
 
     supernet: SuperNet
     dev: Split
     latency_evaluator: LatencyEvaluator
     max_length: int = 64
+    metric_names: tuple[str, ...] = ("accuracy",)
+    majority: dict[str, float] = field(default_factory=dict)
 
     def accuracy(self, arch: ArchConfig) -> float:
-        """Cached per (super-network, dev split, architecture): controllers revisit points."""
-        key = f"{self._dev_key()}|{self.max_length}|{arch.key}"
+        return self.metrics(arch)["accuracy"]
+
+    def metrics(self, arch: ArchConfig) -> dict[str, float]:
+        """Cached per (super-network, dev split, metrics, architecture): controllers revisit."""
+        key = f"{self._dev_key()}|{self.max_length}|{','.join(self.metric_names)}|{arch.key}"
         with self._store() as db:
-            hit = db.execute("SELECT accuracy FROM accuracy WHERE key = ?", (key,)).fetchone()
+            hit = db.execute("SELECT metrics FROM metrics WHERE key = ?", (key,)).fetchone()
         if hit is not None:
-            return float(hit[0])
-        value = dev_accuracy(self.supernet, arch, self.dev, self.max_length)
+            return dict(json.loads(hit[0]))
+        values = self.score_model(extract(self.supernet.model, arch))
         with self._store() as db:
-            db.execute("INSERT OR REPLACE INTO accuracy VALUES (?, ?)", (key, value))
-        return value
+            db.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?)", (key, json.dumps(values)))
+        return values
+
+    def score_model(self, model: torch.nn.Module) -> dict[str, float]:
+        """The task's metrics of any classifier over this evaluator's dev split."""
+        predicted = predict_labels(model, self.supernet.tokenizer, self.dev, self.max_length)
+        classes = int(self.supernet.model.config.num_labels)
+        return compute(self.metric_names, predicted, self.dev.labels, classes)
+
+    def beats_majority(self, accuracy: float) -> bool:
+        if "accuracy" not in self.majority:
+            return True
+        return beats_majority(accuracy, self.majority["accuracy"], len(self.dev))
 
     def _dev_key(self) -> str:
         digest = hashlib.sha256(json.dumps([self.dev.texts, self.dev.labels]).encode())
@@ -105,7 +127,7 @@ class SupernetEvaluator:
         folder = self.supernet.path or cache_root()
         db = sqlite3.connect(folder / "accuracy.sqlite", timeout=60)
         try:
-            db.execute("CREATE TABLE IF NOT EXISTS accuracy (key TEXT PRIMARY KEY, accuracy REAL)")
+            db.execute("CREATE TABLE IF NOT EXISTS metrics (key TEXT PRIMARY KEY, metrics TEXT)")
             yield db
             db.commit()
         finally:
@@ -119,7 +141,7 @@ class SupernetEvaluator:
 class SearchOutcome:
     trials: pd.DataFrame
     pareto: pd.DataFrame
-    winner: pd.Series
+    winner: pd.Series | None  # None: no candidate beat the majority class
     summary: dict[str, object]
     out: Path
     evaluator: SupernetEvaluator
@@ -134,13 +156,17 @@ def _dev_slice(split: Split, limit: int | None) -> Split:
 def prepare(job: SearchJob, log: Log) -> SupernetEvaluator:
     """Teacher, super-network and evaluators (each cached after the first run)."""
     data = load_task(job.task)
-    log(f"teacher: fine-tuning MiniLM-L6 on {job.task} (cached after the first run)")
+    log(f"teacher: fine-tuning MiniLM-L6 on {task_name(job.task)} (cached after the first run)")
     teacher = finetune(
         FinetuneConfig(task=job.task, train_limit=job.teacher_examples, seed=job.seed), log=False
     )
     log(f"super-network: {job.supernet.steps} sandwich steps (cached after the first run)")
     supernet = train_supernet(
-        teacher, data["train"], job.task, config=job.supernet, progress=_bar("super-net", job)
+        teacher,
+        data["train"],
+        task_name(job.task),
+        config=job.supernet,
+        progress=_bar("super-net", job),
     )
     base = supernet.model.config
     evaluator = LatencyEvaluator(
@@ -152,7 +178,11 @@ def prepare(job: SearchJob, log: Log) -> SupernetEvaluator:
         rpc=job.rpc,
         cache=LatencyCache(),
     )
-    return SupernetEvaluator(supernet, _dev_slice(data["dev"], job.dev_limit), evaluator)
+    dev = _dev_slice(data["dev"], job.dev_limit)
+    names = metric_names(task_name(job.task))
+    classes = int(base.num_labels)
+    majority = majority_scores(names, data["train"].labels, dev.labels, classes)
+    return SupernetEvaluator(supernet, dev, evaluator, metric_names=names, majority=majority)
 
 
 def _bar(label: str, job: SearchJob) -> Callable[[int, int, float], None] | None:
@@ -245,13 +275,14 @@ def run_job(job: SearchJob, log: Log = print) -> SearchOutcome:
 
 def _teacher_point(evaluator: SupernetEvaluator, job: SearchJob, log: Log) -> dict[str, object]:
     """The teacher's accuracy and latency under the same protocol (the reference point)."""
-    model, tokenizer = load_teacher(Path(str(evaluator.supernet.info["teacher"])))
-    as_supernet = SuperNet(model, tokenizer, evaluator.supernet.space)
+    model, _ = load_teacher(Path(str(evaluator.supernet.info["teacher"])))
     largest = evaluator.supernet.space.largest()
-    accuracy = dev_accuracy(as_supernet, largest, evaluator.dev)
+    scores = evaluator.score_model(model)
     latency = evaluator.latency(largest).median_ms
-    log(f"teacher: accuracy {accuracy:.4f}, latency {latency:.2f} ms on {job.target}")
-    return {"arch": largest.key, "accuracy": accuracy, "latency_ms": latency}
+    log(
+        f"teacher: {describe(scores, evaluator.majority)}, latency {latency:.2f} ms on {job.target}"
+    )
+    return {"arch": largest.key, **scores, "latency_ms": latency}
 
 
 def _trial_bar(job: SearchJob) -> Callable[[object], None] | None:
@@ -282,31 +313,60 @@ def write_outputs(
     search_seconds: float | None = None,
 ) -> SearchOutcome:
     """trials.csv, pareto.csv, pareto.png, summary.json, and the exported winner."""
-    frame = trials_frame(study)  # type: ignore[arg-type]
-    front = pareto_front(frame)
-    winner = best_trial(frame, settings)
+    frame = flag_majority(trials_frame(study), evaluator)  # type: ignore[arg-type]
+    eligible = frame[frame["beats_majority"] != False]  # noqa: E712 (None: not scored)
+    front = pareto_front(eligible)
+    winner = best_trial(eligible, settings) if _any_complete(eligible) else None
     frame.to_csv(job.out / "trials.csv", index=False)
     front.to_csv(job.out / "pareto.csv", index=False)
     plot_pareto(frame, front, teacher, job.out / "pareto.png", settings.latency_ms)
-    summary = {
+    summary: dict[str, object] = {
         "job": _job_dict(job),
         "latency_target_ms": settings.latency_ms,
+        "metrics": list(evaluator.metric_names),
+        "majority_class": evaluator.majority,
         "teacher": teacher,
-        "winner": _row_dict(winner),
-        "speedup_vs_teacher": float(teacher["latency_ms"]) / float(winner["latency_ms"]),
+        "winner": None if winner is None else _row_dict(winner),
+        "trials_at_or_below_majority": int((frame["beats_majority"] == False).sum()),  # noqa: E712
         "trials": frame["state"].value_counts().to_dict(),
         "search_seconds_this_run": search_seconds,
         "predictor": predictor_report(study),  # type: ignore[arg-type]
     }
+    if winner is None:
+        summary["no_winner"] = (
+            "no completed candidate beats the majority class "
+            f"(accuracy {evaluator.majority.get('accuracy', float('nan')):.4f}): nothing exported"
+        )
+        (job.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        log(f"no winner: {summary['no_winner']}; outputs in {job.out}")
+        return SearchOutcome(frame, front, None, summary, job.out, evaluator)
+    summary["speedup_vs_teacher"] = float(teacher["latency_ms"]) / float(winner["latency_ms"])
     if job.export_winner:
         summary["winner_export"] = str(export_winner(evaluator, winner, job, summary))
     (job.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    scores = {name: float(winner[name]) for name in evaluator.metric_names if name in winner}
     log(
-        f"winner {winner['arch']}: accuracy {winner['accuracy']:.4f}, "
+        f"winner {winner['arch']}: {describe(scores, evaluator.majority)}; "
         f"{winner['latency_ms']:.2f} ms ({summary['speedup_vs_teacher']:.1f}x faster than the "
-        f"teacher); outputs in {job.out}"
+        f"teacher); {summary['trials_at_or_below_majority']} trial(s) no better than the "
+        f"majority class; outputs in {job.out}"
     )
     return SearchOutcome(frame, front, winner, summary, job.out, evaluator)
+
+
+def flag_majority(frame: pd.DataFrame, evaluator: SupernetEvaluator) -> pd.DataFrame:
+    """Add ``majority_accuracy`` and ``beats_majority`` (None where a trial has no score)."""
+    frame = frame.copy()
+    frame["majority_accuracy"] = evaluator.majority.get("accuracy")
+    frame["beats_majority"] = [
+        None if pd.isna(value) else evaluator.beats_majority(float(value))
+        for value in frame["accuracy"]
+    ]
+    return frame
+
+
+def _any_complete(frame: pd.DataFrame) -> bool:
+    return bool((frame["state"] == "COMPLETE").any())
 
 
 def _job_dict(job: SearchJob) -> dict[str, object]:

@@ -19,7 +19,7 @@ import torch
 from canao.nas.distill import load_teacher
 from canao.nas.finetune import FinetuneConfig, accuracy, finetune
 from canao.nas.prune import PruneConfig, PruneResult, prune
-from canao.nas.tasks import load_task
+from canao.nas.tasks import TaskLike, load_task, task_name
 
 Log = Callable[[str], None]
 
@@ -29,7 +29,7 @@ PAIR_MAX_LENGTH = 128
 
 @dataclass(frozen=True)
 class PruneJob:
-    task: str = "rte"
+    task: TaskLike = "rte"  # a name, a path, or a TaskSpec (files and columns)
     config: PruneConfig = field(default_factory=PruneConfig)
     out: Path = Path("canao-prune")
     seq: int = 128
@@ -43,7 +43,7 @@ def teacher_for(job: PruneJob, log: Log) -> Path:
     data = load_task(job.task)
     pairs = data["train"].is_pair
     epochs = job.teacher_epochs or (3 if len(data["train"]) < 10_000 else 1)
-    log(f"teacher: MiniLM-L6 fine-tuned on {job.task} ({epochs} epochs; cached)")
+    log(f"teacher: MiniLM-L6 fine-tuned on {task_name(job.task)} ({epochs} epochs; cached)")
     return finetune(
         FinetuneConfig(
             task=job.task,
@@ -72,7 +72,7 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, object]:
     result.model.save_pretrained(job.out / "model")
     tokenizer.save_pretrained(job.out / "model")
     report: dict[str, object] = {
-        "task": job.task,
+        "task": task_name(job.task),
         "config": asdict(config),
         "arch": result.arch.key,
         "layer_ratios": result.layer_ratios,

@@ -37,6 +37,8 @@ from canao.nas.space import ArchConfig, SearchSpace
 OBJECTIVES = ("soft", "hard", "pareto")
 # Trials of a worker that died mid-evaluation: failed, but not counted against the budget.
 ABANDONED = "abandoned"
+# Metrics a trial may record beside accuracy (canao.nas.metrics), as trials.csv columns.
+OTHER_METRICS = ("f1", "mcc", "macro_f1")
 
 
 class SearchConfigError(CanaoError):
@@ -223,6 +225,8 @@ def _run_trial(
             return
         accuracy, measured = _evaluate(study, evaluator, arch)
         trial.set_user_attr("accuracy", accuracy)
+        for name, value in _other_metrics(evaluator, arch).items():
+            trial.set_user_attr(name, value)
         trial.set_user_attr("latency_ms", measured.median_ms)
         trial.set_user_attr("latency_cached", measured.cached)
         if measured.build_s:
@@ -235,6 +239,14 @@ def _run_trial(
     except Exception as err:  # a failed candidate must not end the search
         trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:2000])
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+
+def _other_metrics(evaluator: CandidateEvaluator, arch: ArchConfig) -> dict[str, float]:
+    """The task's metrics beside accuracy (F1, MCC, macro-F1), where the evaluator has them."""
+    metrics = getattr(evaluator, "metrics", None)
+    if metrics is None:
+        return {}
+    return {name: value for name, value in metrics(arch).items() if name != "accuracy"}
 
 
 def _hopeless(predicted: float | None, settings: SearchSettings) -> bool:
@@ -292,6 +304,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
                 "arch": attrs.get("arch"),
                 "params_m": attrs.get("params_m"),
                 "accuracy": attrs.get("accuracy"),
+                **{name: attrs[name] for name in OTHER_METRICS if name in attrs},
                 "latency_ms": attrs.get("latency_ms"),
                 "predicted_ms": attrs.get("predicted_ms"),
                 "reward": trial.values[0] if trial.values and len(trial.values) == 1 else None,

