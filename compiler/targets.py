@@ -69,7 +69,7 @@ class TargetSpec:
             raise ToolchainError(f"target {self.name!r} cannot link here: {problem}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe_link(compiler: str, compiler_package: str) -> str | None:
     """Why ``compiler`` cannot link a shared library, or None if it can (cached)."""
     package_hint = f" (Debian: apt-get install {compiler_package})" if compiler_package else ""

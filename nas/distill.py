@@ -126,6 +126,12 @@ def distillation_loss(
     return -(soft * F.log_softmax(student / temperature, dim=-1)).sum(-1).mean() * temperature**2
 
 
+def teacher_entropy(teacher: torch.Tensor, temperature: float) -> float:
+    """The teacher's mean entropy at ``temperature``, scaled by T^2 like the loss."""
+    log_p = F.log_softmax(teacher / temperature, dim=-1)
+    return float(-(log_p.exp() * log_p).sum(-1).mean()) * temperature**2
+
+
 def train_supernet(
     teacher_path: Path,
     train: Split,
@@ -133,7 +139,7 @@ def train_supernet(
     space: SearchSpace | None = None,
     config: SupernetConfig | None = None,
     *,
-    progress: Callable[[int, int, float], None] | None = None,
+    progress: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> SuperNet:
     """Train (or load from the cache) the super-network for ``task`` from ``teacher_path``."""
     config = config or SupernetConfig()
@@ -172,7 +178,7 @@ def _sandwich(
     space: SearchSpace,
     data: Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]],
     config: SupernetConfig,
-    progress: Callable[[int, int, float], None] | None,
+    progress: Callable[[int, int, dict[str, float]], None] | None,
 ) -> list[dict[str, float]]:
     pick = random.Random(config.seed)
     device = training_device()
@@ -188,6 +194,9 @@ def _sandwich(
         with torch.no_grad():
             target = teacher(**inputs).logits
         archs = [largest, smallest, *(space.sample(pick) for _ in range(config.random_subnets))]
+        # What the bar shows: KL to the teacher (0 when a student matches it). The soft
+        # cross-entropy trained on also holds the teacher's own entropy, a constant.
+        entropy = teacher_entropy(target, config.temperature)
         losses = []
         for arch in archs:
             logits = subnet_logits(
@@ -204,10 +213,11 @@ def _sandwich(
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
+        kl = {"kl_largest": losses[0] - entropy, "kl_smallest": losses[1] - entropy}
         if step % 20 == 0 or step == config.steps - 1:
-            log.append({"step": step, "largest": losses[0], "smallest": losses[1]})
+            log.append({"step": step, "largest": losses[0], "smallest": losses[1], **kl})
         if progress is not None:
-            progress(step + 1, config.steps, losses[1])
+            progress(step + 1, config.steps, kl)
     student.to("cpu").eval()
     teacher.to("cpu")
     return log

@@ -8,11 +8,13 @@ when the same (model, task, settings) is asked for again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from canao.nas.tasks import (
     num_labels,
     task_name,
 )
+from canao.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,29 @@ def accuracy(
     return float((predicted == np.asarray(split.labels)).sum()) / max(len(split), 1)
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
+def _classifier(
+    base_model: Path, labels: int, id2label: dict[int, str] | None
+) -> BertForSequenceClassification:
+    names: dict[str, object] = {}
+    if id2label:
+        names = {"id2label": id2label, "label2id": {n: i for i, n in id2label.items()}}
+    return BertForSequenceClassification.from_pretrained(
+        str(base_model), num_labels=labels, local_files_only=True, **names
+    )
+
+
 def finetune(
     config: FinetuneConfig,
     base_model: Path | None = None,
@@ -123,16 +149,9 @@ def finetune(
     labels = num_labels(data)
     # The label names travel in the checkpoint's config, so a winner predicts names, not ids.
     id2label = {i: name for i, name in enumerate(names)} if names else None
-    model = BertForSequenceClassification.from_pretrained(
-        str(base_model),
-        num_labels=labels,
-        local_files_only=True,
-        **(
-            {"id2label": id2label, "label2id": {n: i for i, n in id2label.items()}}
-            if id2label
-            else {}
-        ),
-    )
+    # A fresh classifier head is the point of fine-tuning: transformers' warning about it is not.
+    with _quiet_transformers():
+        model = _classifier(base_model, labels, id2label)
     train = data["train"]
     count = len(train) if config.train_limit is None else min(config.train_limit, len(train))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
@@ -142,9 +161,11 @@ def finetune(
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # GPU when lent
     model.to(device).train()
+    bar = Progress("teacher", steps, rate_unit="ex") if log else None
+    recent: list[float] = []  # the last steps' losses: one batch's loss is too noisy to read
     for epoch in range(config.epochs):
         order = rng.permutation(count)
-        for step, start in enumerate(range(0, count, config.batch_size)):
+        for start in range(0, count, config.batch_size):
             rows = order[start : start + config.batch_size]
             batch = encode(tokenizer, [train.texts[i] for i in rows], config.max_length)
             labels = torch.tensor([train.labels[i] for i in rows], device=device)
@@ -153,12 +174,11 @@ def finetune(
             optimizer.step()
             schedule.step()
             optimizer.zero_grad()
-            if log and step % 200 == 0:
-                print(
-                    f"epoch {epoch} step {step}: loss {loss.item():.3f} "
-                    f"({time.perf_counter() - started:.0f} s)",
-                    flush=True,
-                )
+            recent = [*recent[-19:], loss.item()]
+            if bar is not None:
+                bar.update(1, count=len(rows), epoch=epoch + 1, loss=sum(recent) / len(recent))
+    if bar is not None:
+        bar.close()
     model.to("cpu")
     dev_accuracy = accuracy(model, tokenizer, data["dev"], config.max_length)
     out.mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,7 @@ from canao.nas.search import (
 from canao.nas.space import ArchConfig
 from canao.nas.supernet import extract
 from canao.nas.tasks import Split, TaskLike, load_task, task_name
+from canao.progress import Progress
 
 Log = Callable[[str], None]
 
@@ -158,7 +159,8 @@ def prepare(job: SearchJob, log: Log) -> SupernetEvaluator:
     data = load_task(job.task)
     log(f"teacher: fine-tuning MiniLM-L6 on {task_name(job.task)} (cached after the first run)")
     teacher = finetune(
-        FinetuneConfig(task=job.task, train_limit=job.teacher_examples, seed=job.seed), log=False
+        FinetuneConfig(task=job.task, train_limit=job.teacher_examples, seed=job.seed),
+        log=job.progress,
     )
     log(f"super-network: {job.supernet.steps} sandwich steps (cached after the first run)")
     supernet = train_supernet(
@@ -185,20 +187,16 @@ def prepare(job: SearchJob, log: Log) -> SupernetEvaluator:
     return SupernetEvaluator(supernet, dev, evaluator, metric_names=names, majority=majority)
 
 
-def _bar(label: str, job: SearchJob) -> Callable[[int, int, float], None] | None:
+def _bar(label: str, job: SearchJob) -> Callable[[int, int, dict[str, float]], None] | None:
+    """A super-network progress callback: a bar (or lines in a log) with the KL to the teacher."""
     if not job.progress:
         return None
-    from tqdm import tqdm
+    bar: dict[str, Progress] = {}
 
-    bar: dict[str, tqdm] = {}
-
-    def update(done: int, total: int, loss: float) -> None:
+    def update(done: int, total: int, values: dict[str, float]) -> None:
         if label not in bar:
-            bar[label] = tqdm(total=total, desc=label, unit="step")
-        bar[label].update(1)
-        bar[label].set_postfix(loss=f"{loss:.3f}")
-        if done == total:
-            bar[label].close()
+            bar[label] = Progress(label, total, rate_unit="ex")
+        bar[label].update(1, count=job.supernet.batch_size, **values)
 
     return update
 
@@ -288,17 +286,14 @@ def _teacher_point(evaluator: SupernetEvaluator, job: SearchJob, log: Log) -> di
 def _trial_bar(job: SearchJob) -> Callable[[object], None] | None:
     if not job.progress:
         return None
-    from tqdm import tqdm
-
-    bar = tqdm(total=job.trials, desc="search", unit="trial")
+    bar = Progress("search", job.trials, unit="trial")
 
     def update(trial: object) -> None:
-        bar.update(1)
         attrs = getattr(trial, "user_attrs", {})
+        shown = {}
         if "latency_ms" in attrs:
-            bar.set_postfix(acc=f"{attrs['accuracy']:.3f}", ms=f"{attrs['latency_ms']:.2f}")
-        if bar.n >= bar.total:
-            bar.close()
+            shown = {"acc": f"{attrs['accuracy']:.3f}", "ms": f"{attrs['latency_ms']:.2f}"}
+        bar.update(1, **shown)
 
     return update
 

@@ -54,7 +54,7 @@ def teacher_for(job: PruneJob, log: Log) -> Path:
             if job.teacher_examples is None or job.teacher_examples >= len(data["train"])
             else job.teacher_examples,
         ),
-        log=False,
+        log=True,
     )
 
 

@@ -75,7 +75,7 @@ def test_single_csv_with_quoting_and_columns_named(tmp_path: Path) -> None:
     assert data["train"].texts[0][0].startswith('a "great", long film')  # CSV quoting honoured
     assert load_task(str(path)) == data  # detected: ids and numbers are not text; few values
     numbers = write(tmp_path / "numbers.csv", "a,b\n" + "".join(f"{i},{i % 2}\n" for i in range(9)))
-    with pytest.raises(TaskDataError, match="numbers.csv: no text columns.*--text-columns"):
+    with pytest.raises(TaskDataError, match=r"numbers.csv: no text columns.*--text-columns"):
         load_task(str(numbers))
 
 

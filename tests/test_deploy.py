@@ -150,3 +150,51 @@ def test_predict_on_a_board_over_rpc(shipped: Path) -> None:
     expected = pytorch_probabilities(shipped, TEXTS)
     got = np.array([[p.probabilities[name] for name in LABELS] for p in remote])
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_an_exported_search_winner_predicts_like_its_pytorch_model(tmp_path: Path) -> None:
+    """The whole path a user takes: search exports the winner, canao.load runs it."""
+    import pandas as pd
+
+    from canao.nas.distill import SupernetConfig, train_supernet
+    from canao.nas.job import SearchJob, SupernetEvaluator, export_winner
+    from canao.nas.supernet import extract
+    from canao.nas.tasks import Split
+
+    tokenizer = BertTokenizerFast.from_pretrained(str(minilm_path()), local_files_only=True)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        id2label={0: "bad", 1: "good"},
+        label2id={"bad": 0, "good": 1},
+    )
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    texts = tuple((f"a {'good' if i % 2 else 'bad'} film number {i}",) for i in range(32))
+    train = Split(texts, tuple(i % 2 for i in range(32)), ("bad", "good"))
+    supernet = train_supernet(
+        tmp_path / "teacher",
+        train,
+        "toy",
+        config=SupernetConfig(steps=1, batch_size=8, importance_batches=1),
+    )
+    arch = supernet.space.smallest()
+    evaluator = SupernetEvaluator(supernet, train, latency_evaluator=None)  # type: ignore[arg-type]
+    job = SearchJob(out=tmp_path / "search", seq=SEQ)
+    folder = export_winner(evaluator, pd.Series({"arch": arch.key}), job, {})
+    with canao.load(folder) as predictor:
+        assert predictor.labels == ("bad", "good")
+        predictions = predictor.predict([t[0] for t in texts[:5]])
+    reference = extract(supernet.model, arch)
+    batch = tokenizer(
+        [t[0] for t in texts[:5]], max_length=SEQ, padding="max_length", return_tensors="pt"
+    )
+    with torch.no_grad():
+        expected = torch.softmax(reference(**batch).logits, -1).numpy()
+    got = np.array([[p.probabilities["bad"], p.probabilities["good"]] for p in predictions])
+    np.testing.assert_allclose(got, expected, atol=1e-4)

@@ -151,10 +151,18 @@ def test_supernet_training_is_cached_and_scores_subnetworks(tmp_path: Path) -> N
     train = Split(texts, tuple(i % 2 for i in range(64)))
     config = SupernetConfig(steps=3, batch_size=8, importance_batches=2, dropout=0.0)
     steps: list[int] = []
+    shown: list[dict[str, float]] = []
     first = train_supernet(
-        teacher, train, "toy", config=config, progress=lambda i, n, loss: steps.append(i)
+        teacher,
+        train,
+        "toy",
+        config=config,
+        progress=lambda i, n, values: (steps.append(i), shown.append(values)),
     )
     assert steps == [1, 2, 3] and first.path is not None
+    # The bar shows KL to the teacher: the largest sub-network *is* the teacher at step 1
+    # (no dropout), so its KL is 0 whatever the teacher's own entropy; the smallest's is not.
+    assert abs(shown[0]["kl_largest"]) < 1e-6 < shown[0]["kl_smallest"]
     assert len(first.info["loss_log"]) == 2  # steps 0 and the last
     second = train_supernet(
         teacher, train, "toy", config=config, progress=lambda *a: steps.append(-1)

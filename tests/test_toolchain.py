@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import stat
 from pathlib import Path
@@ -24,7 +23,7 @@ def _fake_compiler(folder: Path, stderr: str, rc: int) -> None:
 
 @pytest.fixture
 def fake_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """PATH holds only a folder of fakes (scripts name /bin/sh in full); the probe cache is empty."""
+    """PATH is only a folder of fakes (scripts name /bin/sh in full); no cached probes."""
     folder = tmp_path / "bin"
     folder.mkdir()
     monkeypatch.setenv("PATH", str(folder))
@@ -34,7 +33,7 @@ def fake_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_missing_cross_compiler_names_the_package(fake_path: Path) -> None:
-    with pytest.raises(ToolchainError, match="not on PATH.*apt-get install gcc-aarch64-linux-gnu"):
+    with pytest.raises(ToolchainError, match=r"not on PATH.*apt-get install gcc-aarch64-linux-gnu"):
         get_target("arm64").check_toolchain()
 
 
