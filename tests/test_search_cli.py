@@ -102,7 +102,7 @@ def test_search_on_a_users_csv_reports_its_metrics(tmp_path: Path) -> None:
     """A user's file (string labels, held-out dev), scored with accuracy and macro-F1."""
     word = {"pos": "great", "neg": "awful"}
     labels = ["pos" if i % 3 else "neg" for i in range(300)]
-    rows = ["text,label"] + [f'"the film was {word[y]}, number {i}",{y}' for i, y in enumerate(labels)]
+    rows = ["text,label", *(f'"the film was {word[y]}, no. {i}",{y}' for i, y in enumerate(labels))]
     data = tmp_path / "reviews.csv"
     data.write_text("\n".join(rows) + "\n")
     out = tmp_path / "search"
