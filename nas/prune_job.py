@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from canao.nas.distill import load_teacher
-from canao.nas.finetune import FinetuneConfig, accuracy, finetune
+from canao.nas.finetune import FinetuneConfig, finetune, predict_labels
+from canao.nas.metrics import compute, describe, majority_scores, metric_names
 from canao.nas.prune import PruneConfig, PruneResult, prune
 from canao.nas.tasks import TaskLike, load_task, task_name
 
@@ -68,6 +69,12 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, object]:
     teacher_path = teacher_for(job, log)
     teacher, tokenizer = load_teacher(teacher_path)
     result = prune(teacher, tokenizer, data["train"], config, progress=log)
+    names, classes = metric_names(task_name(job.task)), int(teacher.config.num_labels)
+
+    def score(model: torch.nn.Module) -> dict[str, float]:
+        predicted = predict_labels(model, tokenizer, data["dev"], config.max_length)
+        return compute(names, predicted, data["dev"].labels, classes)
+
     job.out.mkdir(parents=True, exist_ok=True)
     result.model.save_pretrained(job.out / "model")
     tokenizer.save_pretrained(job.out / "model")
@@ -76,14 +83,10 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, object]:
         "config": asdict(config),
         "arch": result.arch.key,
         "layer_ratios": result.layer_ratios,
-        "teacher": {
-            "accuracy": accuracy(teacher, tokenizer, data["dev"], config.max_length),
-            **size_report(teacher, None),
-        },
-        "pruned": {
-            "accuracy": accuracy(result.model, tokenizer, data["dev"], config.max_length),
-            **size_report(result.model, result),
-        },
+        "metrics": list(names),
+        "majority_class": majority_scores(names, data["train"].labels, data["dev"].labels, classes),
+        "teacher": {**score(teacher), **size_report(teacher, None)},
+        "pruned": {**score(result.model), **size_report(result.model, result)},
         "log": result.log,
     }
     if job.measure:
@@ -129,9 +132,12 @@ def compile_and_time(models: dict[str, torch.nn.Module], job: PruneJob) -> dict[
 
 def _say_summary(report: dict[str, object], log: Log) -> None:
     pruned, teacher = report["pruned"], report["teacher"]
+    names = report["metrics"]
+    majority = report["majority_class"]
+    scores = {name: pruned[name] for name in names}  # type: ignore[index,union-attr]
     line = (
-        f"pruned {report['arch']}: dev accuracy {pruned['accuracy']:.4f} "  # type: ignore[index]
-        f"(teacher {teacher['accuracy']:.4f}), encoder non-zeros "  # type: ignore[index]
+        f"pruned {report['arch']}: dev {describe(scores, majority)} "  # type: ignore[arg-type]
+        f"(teacher accuracy {teacher['accuracy']:.4f}), encoder non-zeros "  # type: ignore[index]
         f"{pruned['encoder_nonzero']:,} of {teacher['encoder_params']:,}"  # type: ignore[index]
     )
     if "latency" in report:
