@@ -41,6 +41,12 @@ class SupernetConfig:
     learning_rate: float = 3e-5
     random_subnets: int = 2  # besides the largest and the smallest
     temperature: float = 1.0
+    # Hidden-state distillation (TinyBERT, DynaBERT, MiniLM): each kept layer's output and the
+    # embeddings are pulled towards the teacher's at the mapped layer; 0 distils logits only.
+    hidden_weight: float = 1.0
+    # Progressive shrinking (DynaBERT: width first, then depth): this fraction of the steps
+    # samples widths at full depth only, the rest the whole space.
+    width_first: float = 0.3
     importance_batches: int = 8
     max_length: int = 64
     dropout: float = 0.1
@@ -126,6 +132,30 @@ def distillation_loss(
     return -(soft * F.log_softmax(student / temperature, dim=-1)).sum(-1).mean() * temperature**2
 
 
+def hidden_state_loss(
+    student: list[torch.Tensor],
+    teacher: tuple[torch.Tensor, ...],
+    arch: ArchConfig,
+    attention_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Mean squared distance of the student's hidden states to the teacher's, at real tokens.
+
+    ``student`` holds the embeddings' output then each kept layer's (``subnet_logits``);
+    ``teacher`` is Hugging Face's ``hidden_states`` (embeddings, then every layer). Student
+    layer i maps to the teacher layer it was cut from (``arch.kept_layers[i]``), and its ``d``
+    channels to the teacher's first ``d`` (hidden channels are importance-ordered).
+    """
+    d = arch.hidden_size
+    targets = [teacher[0], *(teacher[index + 1] for index in arch.kept_layers)]
+    weight = attention_mask[..., None].to(student[0].dtype)
+    tokens = weight.sum() * d
+    total = sum(
+        (((s - t[..., :d]) ** 2) * weight).sum() / tokens
+        for s, t in zip(student, targets, strict=True)
+    )
+    return total / len(targets)
+
+
 def teacher_entropy(teacher: torch.Tensor, temperature: float) -> float:
     """The teacher's mean entropy at ``temperature``, scaled by T^2 like the loss."""
     log_p = F.log_softmax(teacher / temperature, dim=-1)
@@ -156,7 +186,11 @@ def train_supernet(
     rank = IMPORTANCE[config.importance]
     importance = rank(student, [next(data) for _ in range(config.importance_batches)])
     reorder_by_importance(student, importance)
-    log = _sandwich(student, teacher, space, data, config, progress)
+    # The teacher the students learn from, in the students' channel order: the reordered
+    # copy computes the teacher's function exactly, and its hidden states line up channel
+    # by channel with every sub-network's.
+    reference = copy.deepcopy(student).eval()
+    log = _sandwich(student, reference, space, data, config, progress)
     info = {
         "task": task,
         "teacher": str(teacher_path),
@@ -186,19 +220,28 @@ def _sandwich(
     teacher.to(device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.learning_rate)
     schedule = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.0, total_iters=config.steps)
-    largest, smallest = space.largest(), space.smallest()
+    largest = space.largest()
     log: list[dict[str, float]] = []
     student.train()
+    width_steps = round(config.steps * config.width_first)
+    teacher.eval()
     for step in range(config.steps):
         inputs = {k: v.to(device) for k, v in next(data)[0].items()}
         with torch.no_grad():
-            target = teacher(**inputs).logits
-        archs = [largest, smallest, *(space.sample(pick) for _ in range(config.random_subnets))]
+            out = teacher(**inputs, output_hidden_states=config.hidden_weight > 0)
+            target, teacher_states = out.logits, out.hidden_states
+        full_depth = step < width_steps  # progressive shrinking: widths first, then depth
+        archs = [
+            largest,
+            space.smallest(full_depth=full_depth),
+            *(space.sample(pick, full_depth=full_depth) for _ in range(config.random_subnets)),
+        ]
         # What the bar shows: KL to the teacher (0 when a student matches it). The soft
         # cross-entropy trained on also holds the teacher's own entropy, a constant.
         entropy = teacher_entropy(target, config.temperature)
         losses = []
         for arch in archs:
+            states: list[torch.Tensor] = []
             logits = subnet_logits(
                 student,
                 arch,
@@ -206,10 +249,14 @@ def _sandwich(
                 inputs["attention_mask"],
                 inputs.get("token_type_ids"),
                 dropout=config.dropout,
+                hidden_states=states,
             )
             loss = distillation_loss(logits, target, config.temperature)
+            losses.append(loss.item())  # the logits' part: what the bar's KL is made from
+            if config.hidden_weight > 0:
+                hidden = hidden_state_loss(states, teacher_states, arch, inputs["attention_mask"])
+                loss = loss + config.hidden_weight * hidden
             loss.backward()
-            losses.append(loss.item())
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()

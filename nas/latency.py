@@ -55,7 +55,7 @@ def random_model(arch: ArchConfig, base: BertConfig) -> CanaoBertForSequenceClas
 
 def arch_hash(arch: ArchConfig, base: BertConfig) -> str:
     fields = (
-        f"{arch.key}|vocab{base.vocab_size}|pos{base.max_position_embeddings}|{base.hidden_act}"
+        f"{arch.shape_key}|vocab{base.vocab_size}|pos{base.max_position_embeddings}|{base.hidden_act}"
     )
     return "arch-" + hashlib.sha256(fields.encode()).hexdigest()[:16]
 
@@ -107,7 +107,7 @@ class LatencyEvaluator:
                 verify_locally(compiled)
             workload = Workload(
                 library=library,
-                model=arch.key,
+                model=arch.shape_key,
                 model_hash=arch_hash(arch, self.base),
                 target=self.target,
                 pipeline=self.pipeline,

@@ -6,6 +6,9 @@ choices from the teacher's config, samples, validates, and encodes an
 architecture as a fixed-length vector of categorical choices, the form every
 controller (Optuna samplers, REINFORCE, evolution) works on.
 
+Depth is by layer choice: an L-layer sub-network keeps L of the teacher's layers, evenly
+spaced (``spaced_layers``; DistilBERT, DynaBERT), recorded in ``ArchConfig.layer_ids``.
+
 Validity rules, from how a sub-network is cut out of the teacher:
 - heads keep the teacher's head dimension, so the hidden size is a multiple of
   it and a layer has at most ``hidden / head_dim`` heads (the extracted model is
@@ -16,6 +19,7 @@ Validity rules, from how a sub-network is cut out of the teacher:
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,22 +41,45 @@ class ArchConfig:
     heads: tuple[int, ...]  # attention heads per layer; len == number of layers
     ffn: tuple[int, ...]  # FFN (intermediate) size per layer
     head_dim: int = 64
+    # Which of the teacher's layers the sub-network keeps, in order (DistilBERT, DynaBERT:
+    # evenly spaced rather than the first L). None: the first L, which is also how a
+    # model's own layers are described.
+    layer_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         # Accept lists from JSON or Optuna and store tuples, so the object hashes.
         object.__setattr__(self, "heads", tuple(int(h) for h in self.heads))
         object.__setattr__(self, "ffn", tuple(int(f) for f in self.ffn))
+        if self.layer_ids is not None:
+            ids = tuple(int(i) for i in self.layer_ids)
+            # The first L layers are spelt None, so equal architectures have one key.
+            object.__setattr__(self, "layer_ids", None if ids == tuple(range(len(ids))) else ids)
 
     @property
     def num_layers(self) -> int:
         return len(self.heads)
 
     @property
-    def key(self) -> str:
-        """Stable and readable: ``L4-H256-d32-a8.8.6.4-f1024.768.768.512``."""
+    def kept_layers(self) -> tuple[int, ...]:
+        """The teacher layer each of this architecture's layers is cut from."""
+        return self.layer_ids if self.layer_ids is not None else tuple(range(self.num_layers))
+
+    @property
+    def shape_key(self) -> str:
+        """Sizes only: ``L4-H256-d32-a8.8.6.4-f1024.768.768.512``. What latency depends on."""
         heads = ".".join(map(str, self.heads))
         ffn = ".".join(map(str, self.ffn))
         return f"L{self.num_layers}-H{self.hidden_size}-d{self.head_dim}-a{heads}-f{ffn}"
+
+    @property
+    def key(self) -> str:
+        """Stable and readable: the shape key, plus ``-l0.2.4`` when layers are chosen."""
+        if self.layer_ids is None:
+            return self.shape_key
+        return f"{self.shape_key}-l{'.'.join(map(str, self.layer_ids))}"
+
+    def with_layers(self, layer_ids: tuple[int, ...] | None) -> ArchConfig:
+        return ArchConfig(self.hidden_size, self.heads, self.ffn, self.head_dim, layer_ids)
 
     @classmethod
     def from_key(cls, key: str) -> ArchConfig:
@@ -60,7 +87,8 @@ class ArchConfig:
             fields = dict((part[0], part[1:]) for part in key.split("-"))
             heads = tuple(int(h) for h in fields["a"].split("."))
             ffn = tuple(int(f) for f in fields["f"].split("."))
-            arch = cls(int(fields["H"]), heads, ffn, int(fields["d"]))
+            ids = tuple(int(i) for i in fields["l"].split(".")) if "l" in fields else None
+            arch = cls(int(fields["H"]), heads, ffn, int(fields["d"]), ids)
         except (KeyError, ValueError, IndexError):
             raise InvalidArchitectureError(f"not an architecture key: {key!r}") from None
         if arch.num_layers != int(fields["L"]):
@@ -78,6 +106,11 @@ class ArchConfig:
             problems.append(
                 f"hidden {self.hidden_size} is not a multiple of head dim {self.head_dim}"
             )
+        ids = self.kept_layers
+        if len(ids) != len(self.heads):
+            problems.append(f"{len(ids)} layer ids for {len(self.heads)} layers")
+        if any(b <= a for a, b in itertools.pairwise(ids)) or min(ids, default=0) < 0:
+            problems.append(f"layer ids {list(ids)} must be increasing and non-negative")
         max_heads = self.hidden_size // max(self.head_dim, 1)
         for layer, (heads, ffn) in enumerate(zip(self.heads, self.ffn, strict=False)):
             if not 1 <= heads <= max_heads:
@@ -99,6 +132,7 @@ class ArchConfig:
             "heads": list(self.heads),
             "ffn": list(self.ffn),
             "head_dim": self.head_dim,
+            "layer_ids": list(self.kept_layers),
         }
 
     def encoder_params(self) -> int:
@@ -110,6 +144,20 @@ class ArchConfig:
             total += 3 * (h * inner + inner) + inner * h + h  # Q, K, V, attention output
             total += h * ffn + ffn + ffn * h + h + 4 * h  # FFN and two layer norms
         return total
+
+
+DEPTH_RULES = ("spaced", "first")
+
+
+def spaced_layers(layers: int, teacher_layers: int) -> tuple[int, ...]:
+    """``layers`` of ``teacher_layers`` evenly spaced from the first: 3 of 6 -> (0, 2, 4).
+
+    DistilBERT initialises its 6 layers from every other one of BERT-base's 12, and DynaBERT
+    drops every k-th layer: both keep the first layer and spread the rest evenly.
+    """
+    if not 1 <= layers <= teacher_layers:
+        raise InvalidArchitectureError(f"{layers} layers of a {teacher_layers}-layer teacher")
+    return tuple((i * teacher_layers) // layers for i in range(layers))
 
 
 def _fractions(full: int, fractions: Sequence[float], multiple: int) -> tuple[int, ...]:
@@ -126,6 +174,21 @@ class SearchSpace:
     head_choices: tuple[int, ...]
     ffn_choices: tuple[int, ...]
     head_dim: int
+    # How an L-layer sub-network picks its layers: "spaced" (evenly over the teacher's depth,
+    # as DistilBERT and DynaBERT do) or "first" (the first L).
+    depth_rule: str = "spaced"
+
+    def __post_init__(self) -> None:
+        if self.depth_rule not in DEPTH_RULES:
+            raise InvalidArchitectureError(
+                f"unknown depth rule {self.depth_rule!r}; choose from {', '.join(DEPTH_RULES)}"
+            )
+
+    def layer_ids(self, layers: int) -> tuple[int, ...] | None:
+        """The teacher layers an ``layers``-deep sub-network keeps under this space's rule."""
+        if self.depth_rule == "first" or layers >= self.max_layers:
+            return None
+        return spaced_layers(layers, self.max_layers)
 
     @classmethod
     def from_teacher(
@@ -160,23 +223,28 @@ class SearchSpace:
             self.head_dim,
         )
 
-    def smallest(self) -> ArchConfig:
-        layers = min(self.layer_choices)
+    def smallest(self, full_depth: bool = False) -> ArchConfig:
+        """The narrowest point (at full depth with ``full_depth``: width-only shrinking)."""
+        layers = self.max_layers if full_depth else min(self.layer_choices)
         return ArchConfig(
             min(self.hidden_choices),
             (min(self.head_choices),) * layers,
             (min(self.ffn_choices),) * layers,
             self.head_dim,
+            self.layer_ids(layers),
         )
 
-    def sample(self, rng: random.Random) -> ArchConfig:
-        """Uniform over each choice (heads over the ones legal for the sampled hidden size)."""
-        layers = rng.choice(self.layer_choices)
+    def sample(self, rng: random.Random, full_depth: bool = False) -> ArchConfig:
+        """Uniform over each choice (heads over the ones legal for the sampled hidden size).
+
+        ``full_depth`` samples widths only, as progressive shrinking's first phase does.
+        """
+        layers = self.max_layers if full_depth else rng.choice(self.layer_choices)
         hidden = rng.choice(self.hidden_choices)
         legal = [h for h in self.head_choices if h * self.head_dim <= hidden]
         heads = tuple(rng.choice(legal) for _ in range(layers))
         ffn = tuple(rng.choice(self.ffn_choices) for _ in range(layers))
-        return ArchConfig(hidden, heads, ffn, self.head_dim)
+        return ArchConfig(hidden, heads, ffn, self.head_dim, self.layer_ids(layers))
 
     def contains(self, arch: ArchConfig) -> None:
         """Raise :class:`InvalidArchitectureError` unless ``arch`` is a point of this space."""
@@ -186,6 +254,8 @@ class SearchSpace:
             problems.append(f"head dim {arch.head_dim} != teacher's {self.head_dim}")
         if arch.num_layers not in self.layer_choices:
             problems.append(f"{arch.num_layers} layers not in {self.layer_choices}")
+        elif arch.kept_layers[-1] >= self.max_layers:
+            problems.append(f"layer ids {list(arch.kept_layers)} beyond {self.max_layers} layers")
         if arch.hidden_size not in self.hidden_choices:
             problems.append(f"hidden {arch.hidden_size} not in {self.hidden_choices}")
         problems += [
@@ -231,7 +301,7 @@ class SearchSpace:
         legal = [h for h in self.head_choices if h * self.head_dim <= hidden]
         heads = tuple(self._clip(int(params[f"heads_{i}"]), legal) for i in range(layers))
         ffn = tuple(int(params[f"ffn_{i}"]) for i in range(layers))
-        arch = ArchConfig(hidden, heads, ffn, self.head_dim)
+        arch = ArchConfig(hidden, heads, ffn, self.head_dim, self.layer_ids(layers))
         self.contains(arch)
         return arch
 
@@ -264,6 +334,6 @@ class SearchSpace:
 
         hidden = pick(self.hidden_choices)
         heads = self._fit_heads(pick(self.head_choices), hidden)
-        return ArchConfig(
-            hidden, (heads,) * layers, (pick(self.ffn_choices),) * layers, self.head_dim
-        )
+        ffn = pick(self.ffn_choices)
+        ids = self.layer_ids(layers)
+        return ArchConfig(hidden, (heads,) * layers, (ffn,) * layers, self.head_dim, ids)

@@ -2,7 +2,8 @@
 
 The super-network *is* the teacher's ``BertForSequenceClassification``; a
 sub-network is a slice of its weights:
-- depth ``L``: the first ``L`` layers;
+- depth ``L``: ``L`` of the teacher's layers (``ArchConfig.kept_layers``: evenly spaced by
+  the search space's rule, as DistilBERT and DynaBERT keep layers);
 - hidden size ``d``: the first ``d`` channels of the residual stream (every
   embedding, layer norm, projection and the pooler are sliced alike);
 - heads ``h`` in a layer: the first ``h`` heads (rows of Q/K/V, columns of the
@@ -75,8 +76,10 @@ def check_fits(model: BertForSequenceClassification, arch: ArchConfig) -> None:
     problems = []
     if arch.head_dim != full.head_dim:
         problems.append(f"head dim {arch.head_dim} != teacher's {full.head_dim}")
-    if arch.num_layers > full.num_layers:
-        problems.append(f"{arch.num_layers} layers > teacher's {full.num_layers}")
+    if arch.num_layers > full.num_layers or arch.kept_layers[-1] >= full.num_layers:
+        problems.append(
+            f"layers {list(arch.kept_layers)} not all among the teacher's {full.num_layers}"
+        )
     if arch.hidden_size > full.hidden_size:
         problems.append(f"hidden {arch.hidden_size} > teacher's {full.hidden_size}")
     if max(arch.heads) > full.heads[0]:
@@ -104,18 +107,25 @@ def subnet_logits(
     *,
     masks: Masks | None = None,
     dropout: float = 0.0,
+    hidden_states: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Logits of sub-network ``arch``, computed from slices of ``model``'s weights."""
+    """Logits of sub-network ``arch``, computed from slices of ``model``'s weights.
+
+    ``hidden_states``, when given, receives the embeddings' output and each layer's (the
+    tensors hidden-state distillation compares with the teacher's).
+    """
     bert, d, hd = model.bert, arch.hidden_size, arch.head_dim
     training = dropout > 0 and model.training
     x = _embed(bert.embeddings, input_ids, token_type_ids, d)
     x = _dropout(_hidden_masked(x, masks, d), dropout, training)
+    if hidden_states is not None:
+        hidden_states.append(x)
     # Additive mask as BertModel builds it for SDPA: 0 where attended, dtype-min where padded.
     additive = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
     act = ACT2FN[model.config.hidden_act]
-    for index in range(arch.num_layers):
-        layer = bert.encoder.layer[index]
-        heads, ffn = arch.heads[index], arch.ffn[index]
+    for position, index in enumerate(arch.kept_layers):
+        layer = bert.encoder.layer[index]  # layer choice: the teacher layer this one is cut from
+        heads, ffn = arch.heads[position], arch.ffn[position]
         attended = _attention(layer.attention.self, x, additive, heads, hd, d)
         if masks is not None:
             attended = attended * masks.heads[index, :heads].repeat_interleave(hd)
@@ -133,6 +143,8 @@ def subnet_logits(
         x = _hidden_masked(
             _layer_norm(_dropout(o, dropout, training) + x, out.LayerNorm, d), masks, d
         )
+        if hidden_states is not None:
+            hidden_states.append(x)
     pooler = bert.pooler.dense
     pooled = torch.tanh(F.linear(x[:, 0], pooler.weight[:d, :d], pooler.bias[:d]))
     classifier = model.classifier
@@ -195,8 +207,10 @@ def sliced_state(model: BertForSequenceClassification, arch: ArchConfig) -> dict
         "classifier.weight": (slice(None), slice(d)),
         "classifier.bias": (slice(None),),
     }
+    sources: dict[str, str] = {}  # extracted layer i's weights come from teacher layer ids[i]
     for i, (heads, ffn) in enumerate(zip(arch.heads, arch.ffn, strict=True)):
         p, inner = f"bert.encoder.layer.{i}.", heads * hd
+        sources[p] = f"bert.encoder.layer.{arch.kept_layers[i]}."
         for proj in ("query", "key", "value"):
             cuts[f"{p}attention.self.{proj}.weight"] = (slice(inner), slice(d))
             cuts[f"{p}attention.self.{proj}.bias"] = (slice(inner),)
@@ -211,7 +225,9 @@ def sliced_state(model: BertForSequenceClassification, arch: ArchConfig) -> dict
             cuts[f"{p}{norm}.bias"] = (slice(d),)
     full = model.state_dict()
     for name, cut in cuts.items():
-        state[name] = full[name][cut].clone()
+        prefix = next((p for p in sources if name.startswith(p)), None)
+        source = name if prefix is None else sources[prefix] + name[len(prefix) :]
+        state[name] = full[source][cut].clone()
     return state
 
 

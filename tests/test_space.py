@@ -84,7 +84,7 @@ def test_malformed_keys(key: str) -> None:
 def test_uniform_shrinking(space: SearchSpace) -> None:
     half = space.uniform(6, 0.5)
     assert half.hidden_size == 192 and set(half.heads) == {6} and set(half.ffn) == {768}
-    assert space.uniform(3, 1.0) == ArchConfig(384, (12,) * 3, (1536,) * 3, 32)
+    assert space.uniform(3, 1.0) == ArchConfig(384, (12,) * 3, (1536,) * 3, 32, (0, 2, 4))
 
 
 def test_encoder_params_of_minilm(space: SearchSpace) -> None:
@@ -92,3 +92,24 @@ def test_encoder_params_of_minilm(space: SearchSpace) -> None:
     # (the other 11.7M of its 22.7M weights are embeddings).
     per_layer = 4 * 384 * 384 + 4 * 384 + 2 * 384 * 1536 + 1536 + 384 + 4 * 384
     assert space.largest().encoder_params() == 6 * per_layer == 10_646_784
+
+
+def test_depth_is_by_layer_choice_evenly_spaced(space: SearchSpace) -> None:
+    from canao.nas.space import spaced_layers
+
+    assert spaced_layers(3, 6) == (0, 2, 4) and spaced_layers(6, 12) == (0, 2, 4, 6, 8, 10)
+    assert spaced_layers(1, 6) == (0,) and spaced_layers(6, 6) == tuple(range(6))
+    small = space.smallest()
+    assert small.kept_layers == (0,) and space.largest().layer_ids is None
+    four = space.decode({**space.encode(space.largest()), "layers": 4})
+    assert four.kept_layers == (0, 1, 3, 4) and four.key.endswith("-l0.1.3.4")
+    assert ArchConfig.from_key(four.key) == four and four.shape_key == four.key[: -len("-l0.1.3.4")]
+    assert ArchConfig(64, (2, 2), (8, 8), 32, (0, 1)).layer_ids is None  # first L: one spelling
+    first = SearchSpace(**{**space.__dict__, "depth_rule": "first"})
+    assert first.smallest().kept_layers == (0,) and first.uniform(3, 1.0).layer_ids is None
+    with pytest.raises(InvalidArchitectureError, match="increasing"):
+        ArchConfig(64, (2, 2), (8, 8), 32, (3, 1)).validate()
+    with pytest.raises(InvalidArchitectureError, match="beyond 6 layers"):
+        space.contains(ArchConfig(384, (12,) * 2, (1536,) * 2, 32, (0, 7)))
+    with pytest.raises(InvalidArchitectureError, match="unknown depth rule"):
+        SearchSpace(**{**space.__dict__, "depth_rule": "random"})

@@ -173,3 +173,44 @@ def test_supernet_training_is_cached_and_scores_subnetworks(tmp_path: Path) -> N
         assert torch.equal(tensor, second.model.state_dict()[name]), name
     accuracy = dev_accuracy(second, second.space.smallest(), train)
     assert 0.0 <= accuracy <= 1.0
+
+
+def test_layer_choice_slicing_equals_extraction() -> None:
+    """A 2-layer sub-network of a 3-layer teacher keeps layers 0 and 2 (evenly spaced)."""
+    model, inputs = tiny_teacher(), batch()
+    assert SearchSpace.from_teacher(TINY).uniform(2, 0.5).kept_layers == (0, 1)  # 2 of 3
+    assert SearchSpace.from_teacher(TINY).uniform(1, 0.5).kept_layers == (0,)
+    chosen = ArchConfig(64, (2, 4), (64, 128), 16, (0, 2))
+    sub = sn.extract(model, chosen)
+    assert torch.allclose(logits(sub, inputs), sliced(model, chosen, inputs), atol=1e-5)
+    # The extracted layer 1 carries the teacher's layer 2 weights, not layer 1's.
+    teacher_q = model.bert.encoder.layer[2].attention.self.query.weight  # 4 heads of 16
+    assert torch.equal(sub.bert.encoder.layer[1].attention.self.query.weight, teacher_q)
+    first = ArchConfig(64, (2, 4), (64, 128), 16)
+    assert not torch.allclose(sliced(model, first, inputs), sliced(model, chosen, inputs))
+
+
+def test_hidden_state_loss_is_zero_for_the_teacher_against_itself() -> None:
+    from canao.nas.distill import hidden_state_loss
+
+    model, inputs = tiny_teacher().eval(), batch()
+    with torch.no_grad():
+        teacher_states = model(**inputs, output_hidden_states=True).hidden_states
+        full = sn.full_arch(model)
+        states: list[torch.Tensor] = []
+        sn.subnet_logits(
+            model, full, inputs["input_ids"], inputs["attention_mask"],
+            inputs["token_type_ids"], hidden_states=states,
+        )  # fmt: skip
+        assert (
+            float(hidden_state_loss(states, teacher_states, full, inputs["attention_mask"])) < 1e-10
+        )
+        narrow = ArchConfig(32, (2, 2), (64, 64), 16, (0, 2))
+        states = []
+        sn.subnet_logits(
+            model, narrow, inputs["input_ids"], inputs["attention_mask"],
+            inputs["token_type_ids"], hidden_states=states,
+        )  # fmt: skip
+        assert len(states) == 3 and states[0].shape[-1] == 32
+        loss = hidden_state_loss(states, teacher_states, narrow, inputs["attention_mask"])
+        assert float(loss) > 1e-4
