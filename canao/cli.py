@@ -162,9 +162,7 @@ def _add_search_parser(commands: argparse._SubParsersAction) -> None:
     search.add_argument("--seq", type=int, default=128, help="sequence length timed (default 128)")
     search.add_argument("--threads", type=int, default=1, help="threads timed (default 1)")
     search.add_argument("--seed", type=int, default=0)
-    search.add_argument(
-        "--teacher-examples", type=int, default=6400, help="training examples for the teacher"
-    )
+    _add_teacher_args(search)
     search.add_argument(
         "--supernet-steps", type=int, default=200, help="super-network training steps"
     )
@@ -185,6 +183,23 @@ def _add_search_parser(commands: argparse._SubParsersAction) -> None:
     search.add_argument("--rpc", metavar="HOST:PORT", help="remote device: RPC server or tracker")
     search.add_argument("--key", help="device key at the RPC tracker named by --rpc")
     search.set_defaults(run=_cmd_search)
+
+
+def _add_teacher_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("teacher")
+    group.add_argument(
+        "--teacher",
+        help="minilm (default: the offline MiniLM-L6), a local Hugging Face BERT folder or a "
+        "hub id; a classifier for the task is used as it is, a base model is fine-tuned",
+    )
+    group.add_argument(
+        "--teacher-epochs", type=int, help="epochs when the teacher is fine-tuned (default 1)"
+    )
+    group.add_argument(
+        "--teacher-examples",
+        type=int,
+        help="training examples for the teacher's fine-tuning (default: the whole training set)",
+    )
 
 
 def _add_task_args(parser: argparse.ArgumentParser, default: str) -> None:
@@ -237,6 +252,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
         seq=args.seq,
         threads=args.threads,
         seed=args.seed,
+        teacher=args.teacher,
+        teacher_epochs=args.teacher_epochs or 1,
         teacher_examples=args.teacher_examples,
         supernet=SupernetConfig(
             steps=args.supernet_steps, seed=args.seed, importance=args.importance
@@ -263,6 +280,7 @@ def _add_prune_parser(commands: argparse._SubParsersAction) -> None:
         help="structured (heads and FFN neurons; default), unstructured, block4",
     )
     _add_task_args(prune, "rte")
+    _add_teacher_args(prune)
     prune.add_argument("--stages", type=int, default=1, help="1: one-shot; more: cubic gradual")
     prune.add_argument("--finetune-steps", type=int, default=200)
     prune.add_argument("--threads", type=int, default=1)
@@ -276,7 +294,8 @@ def _add_prune_parser(commands: argparse._SubParsersAction) -> None:
 def _cmd_prune(args: argparse.Namespace) -> int:
     from canao.nas.prune import PruneConfig
     from canao.nas.prune_job import PruneJob, run_prune
-    from canao.nas.tasks import load_task
+    from canao.nas.tasks import load_task, num_labels
+    from canao.nas.teacher import resolve_teacher
 
     config = PruneConfig(
         method=args.method,
@@ -287,9 +306,13 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         seed=args.seed,
     )  # raises PruningError on a bad method, ratio or granularity
     task = _task(args)
-    load_task(task)  # a bad task name fails before the teacher is trained
+    data = load_task(task)  # a bad task or teacher fails before anything is trained
+    resolve_teacher(args.teacher, num_labels(data), data["train"].label_names)
     job = PruneJob(
         task=task,
+        teacher=args.teacher,
+        teacher_epochs=args.teacher_epochs,
+        teacher_examples=args.teacher_examples,
         config=config,
         out=args.out,
         seq=args.seq,

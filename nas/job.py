@@ -45,7 +45,8 @@ from canao.nas.search import (
 )
 from canao.nas.space import ArchConfig
 from canao.nas.supernet import extract
-from canao.nas.tasks import Split, TaskLike, load_task, task_name
+from canao.nas.tasks import Split, TaskLike, load_task, num_labels, task_name
+from canao.nas.teacher import resolve_teacher
 from canao.progress import Progress
 
 Log = Callable[[str], None]
@@ -66,7 +67,9 @@ class SearchJob:
     seq: int = 128
     threads: int = 1
     seed: int = 0
-    teacher_examples: int | None = 6400
+    teacher: str | None = None  # None: MiniLM-L6; a folder, hub id or preset (nas/teacher.py)
+    teacher_epochs: int = 1
+    teacher_examples: int | None = None  # None: the whole training set
     supernet: SupernetConfig = field(default_factory=SupernetConfig)
     dev_limit: int | None = None
     predictor_skip: float | None = None
@@ -157,11 +160,7 @@ def _dev_slice(split: Split, limit: int | None) -> Split:
 def prepare(job: SearchJob, log: Log) -> SupernetEvaluator:
     """Teacher, super-network and evaluators (each cached after the first run)."""
     data = load_task(job.task)
-    log(f"teacher: fine-tuning MiniLM-L6 on {task_name(job.task)} (cached after the first run)")
-    teacher = finetune(
-        FinetuneConfig(task=job.task, train_limit=job.teacher_examples, seed=job.seed),
-        log=job.progress,
-    )
+    teacher = teacher_checkpoint(job, data, log)
     log(f"super-network: {job.supernet.steps} sandwich steps (cached after the first run)")
     supernet = train_supernet(
         teacher,
@@ -185,6 +184,26 @@ def prepare(job: SearchJob, log: Log) -> SupernetEvaluator:
     classes = int(base.num_labels)
     majority = majority_scores(names, data["train"].labels, dev.labels, classes)
     return SupernetEvaluator(supernet, dev, evaluator, metric_names=names, majority=majority)
+
+
+def teacher_checkpoint(job: SearchJob, data: dict[str, Split], log: Log) -> Path:
+    """The teacher's folder: ``--teacher`` as it is if it is a classifier, else fine-tuned."""
+    source = resolve_teacher(job.teacher, num_labels(data), data["train"].label_names)
+    if source.fine_tuned:
+        log(f"teacher: {source.label}, already a classifier for this task, used as it is")
+        return source.path
+    log(
+        f"teacher: fine-tuning {source.label} on {task_name(job.task)} "
+        f"({job.teacher_epochs} epoch(s); cached after the first run)"
+    )
+    config = FinetuneConfig(
+        task=job.task,
+        epochs=job.teacher_epochs,
+        train_limit=job.teacher_examples,
+        seed=job.seed,
+        max_length=128 if data["train"].is_pair else 64,
+    )
+    return finetune(config, base_model=source.path, log=job.progress)
 
 
 def _bar(label: str, job: SearchJob) -> Callable[[int, int, dict[str, float]], None] | None:
@@ -215,7 +234,8 @@ def check_job(job: SearchJob) -> None:
     preflight(job.target, ["fast"], job.rpc, 20.0)
     if job.rpc is None:
         _require_local_device(job.target)
-    load_task(job.task)
+    data = load_task(job.task)
+    resolve_teacher(job.teacher, num_labels(data), data["train"].label_names)
 
 
 def _require_local_device(target: str) -> None:

@@ -54,7 +54,11 @@ def random_model(arch: ArchConfig, base: BertConfig) -> CanaoBertForSequenceClas
 
 
 def arch_hash(arch: ArchConfig, base: BertConfig) -> str:
-    fields = f"{arch.shape_key}|vocab{base.vocab_size}|pos{base.max_position_embeddings}|{base.hidden_act}"
+    # Sizes only: which teacher layers a sub-network keeps does not change its latency.
+    fields = (
+        f"{arch.shape_key}|vocab{base.vocab_size}|pos{base.max_position_embeddings}"
+        f"|{base.hidden_act}"
+    )
     return "arch-" + hashlib.sha256(fields.encode()).hexdigest()[:16]
 
 

@@ -20,7 +20,8 @@ from canao.nas.distill import load_teacher
 from canao.nas.finetune import FinetuneConfig, finetune, predict_labels
 from canao.nas.metrics import compute, describe, majority_scores, metric_names
 from canao.nas.prune import PruneConfig, PruneResult, prune
-from canao.nas.tasks import TaskLike, load_task, task_name
+from canao.nas.tasks import TaskLike, load_task, num_labels, task_name
+from canao.nas.teacher import resolve_teacher
 
 Log = Callable[[str], None]
 
@@ -31,6 +32,7 @@ PAIR_MAX_LENGTH = 128
 @dataclass(frozen=True)
 class PruneJob:
     task: TaskLike = "rte"  # a name, a path, or a TaskSpec (files and columns)
+    teacher: str | None = None  # None: MiniLM-L6; a folder, hub id or preset (nas/teacher.py)
     config: PruneConfig = field(default_factory=PruneConfig)
     out: Path = Path("canao-prune")
     seq: int = 128
@@ -42,9 +44,13 @@ class PruneJob:
 
 def teacher_for(job: PruneJob, log: Log) -> Path:
     data = load_task(job.task)
+    source = resolve_teacher(job.teacher, num_labels(data), data["train"].label_names)
+    if source.fine_tuned:
+        log(f"teacher: {source.label}, already a classifier for this task, used as it is")
+        return source.path
     pairs = data["train"].is_pair
     epochs = job.teacher_epochs or (3 if len(data["train"]) < 10_000 else 1)
-    log(f"teacher: MiniLM-L6 fine-tuned on {task_name(job.task)} ({epochs} epochs; cached)")
+    log(f"teacher: {source.label} fine-tuned on {task_name(job.task)} ({epochs} epochs; cached)")
     return finetune(
         FinetuneConfig(
             task=job.task,
@@ -55,6 +61,7 @@ def teacher_for(job: PruneJob, log: Log) -> Path:
             if job.teacher_examples is None or job.teacher_examples >= len(data["train"])
             else job.teacher_examples,
         ),
+        base_model=source.path,
         log=True,
     )
 
