@@ -173,6 +173,12 @@ def _add_search_parser(commands: argparse._SubParsersAction) -> None:
         help="how the super-network ranks heads/neurons/channels before slicing "
         "(obert: oBERT's structured Fisher saliency)",
     )
+    search.add_argument(
+        "--retrain-steps",
+        type=int,
+        default=300,
+        help="distil the winner alone from the teacher for N steps before export (0: off)",
+    )
     search.add_argument("--dev-limit", type=int, help="score candidates on the first N dev rows")
     search.add_argument(
         "--predictor-skip",
@@ -237,6 +243,7 @@ def _task(args: argparse.Namespace):  # -> str | TaskSpec
 def _cmd_search(args: argparse.Namespace) -> int:
     from canao.nas.distill import SupernetConfig
     from canao.nas.job import SearchJob, run_job
+    from canao.nas.retrain import RetrainConfig
 
     job = SearchJob(
         task=_task(args),
@@ -258,6 +265,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         supernet=SupernetConfig(
             steps=args.supernet_steps, seed=args.seed, importance=args.importance
         ),
+        retrain=RetrainConfig(steps=args.retrain_steps, seed=args.seed),
         dev_limit=args.dev_limit,
         predictor_skip=args.predictor_skip,
         rpc=_rpc_address(args),

@@ -35,6 +35,7 @@ from canao.nas.distill import (
 from canao.nas.finetune import FinetuneConfig, finetune, predict_labels
 from canao.nas.latency import LatencyEvaluator, LatencyResult
 from canao.nas.metrics import beats_majority, compute, describe, majority_scores, metric_names
+from canao.nas.retrain import RetrainConfig, retrain
 from canao.nas.search import (
     SearchSettings,
     best_trial,
@@ -71,6 +72,7 @@ class SearchJob:
     teacher_epochs: int = 1
     teacher_examples: int | None = None  # None: the whole training set
     supernet: SupernetConfig = field(default_factory=SupernetConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)  # steps 0: export as cut
     dev_limit: int | None = None
     predictor_skip: float | None = None
     rpc: RPCAddress | None = None
@@ -95,6 +97,7 @@ class SupernetEvaluator:
     max_length: int = 64
     metric_names: tuple[str, ...] = ("accuracy",)
     majority: dict[str, float] = field(default_factory=dict)
+    train: Split | None = None  # what the winner is retrained on
 
     def accuracy(self, arch: ArchConfig) -> float:
         return self.metrics(arch)["accuracy"]
@@ -183,7 +186,9 @@ def prepare(job: SearchJob, log: Log) -> SupernetEvaluator:
     names = metric_names(task_name(job.task))
     classes = int(base.num_labels)
     majority = majority_scores(names, data["train"].labels, dev.labels, classes)
-    return SupernetEvaluator(supernet, dev, evaluator, metric_names=names, majority=majority)
+    return SupernetEvaluator(
+        supernet, dev, evaluator, metric_names=names, majority=majority, train=data["train"]
+    )
 
 
 def teacher_checkpoint(job: SearchJob, data: dict[str, Split], log: Log) -> Path:
@@ -428,6 +433,30 @@ def plot_pareto(
     plt.close(fig)
 
 
+def retrain_winner(
+    evaluator: SupernetEvaluator, arch: ArchConfig, extracted: torch.nn.Module, job: SearchJob
+) -> tuple[torch.nn.Module, dict[str, object]] | None:
+    """The winner distilled alone from the teacher, with its metrics before and after."""
+    if job.retrain.steps <= 0 or evaluator.train is None:
+        return None
+    before = evaluator.score_model(extracted)
+    model, info = retrain(
+        evaluator.supernet.model,
+        arch,
+        Path(str(evaluator.supernet.info["teacher"])),
+        evaluator.train,
+        job.retrain,
+        progress=_bar("retrain", job),
+    )
+    after = evaluator.score_model(model)
+    print(
+        f"retrained the winner alone for {job.retrain.steps} steps: "
+        f"{describe(before)} -> {describe(after, evaluator.majority)}",
+        flush=True,
+    )
+    return model, {**info, "before": before, "after": after}
+
+
 def export_winner(
     evaluator: SupernetEvaluator, winner: pd.Series, job: SearchJob, summary: dict[str, object]
 ) -> Path:
@@ -442,6 +471,10 @@ def export_winner(
     arch = ArchConfig.from_key(str(winner["arch"]))
     folder = job.out / "winner"
     model = extract(evaluator.supernet.model, arch)
+    retrained = retrain_winner(evaluator, arch, model, job)
+    if retrained is not None:
+        model = retrained[0]
+        summary["retrain"] = retrained[1]  # into summary.json and the winner's report
     model.save_pretrained(folder / "model")
     evaluator.supernet.tokenizer.save_pretrained(folder / "model")
     compiled = compile_model(load_model(model), job.target, "fast", InputSpec(1, job.seq))

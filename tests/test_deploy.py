@@ -8,7 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizerFast,
+)
 
 import canao
 from canao.cli import main
@@ -158,6 +163,7 @@ def test_an_exported_search_winner_predicts_like_its_pytorch_model(tmp_path: Pat
 
     from canao.nas.distill import SupernetConfig, train_supernet
     from canao.nas.job import SearchJob, SupernetEvaluator, export_winner
+    from canao.nas.retrain import RetrainConfig
     from canao.nas.supernet import extract
     from canao.nas.tasks import Split
 
@@ -184,13 +190,25 @@ def test_an_exported_search_winner_predicts_like_its_pytorch_model(tmp_path: Pat
         config=SupernetConfig(steps=1, batch_size=8, importance_batches=1),
     )
     arch = supernet.space.smallest()
-    evaluator = SupernetEvaluator(supernet, train, latency_evaluator=None)  # type: ignore[arg-type]
-    job = SearchJob(out=tmp_path / "search", seq=SEQ)
-    folder = export_winner(evaluator, pd.Series({"arch": arch.key}), job, {})
+    evaluator = SupernetEvaluator(
+        supernet,
+        train,
+        latency_evaluator=None,
+        train=train,  # type: ignore[arg-type]
+    )
+    job = SearchJob(out=tmp_path / "search", seq=SEQ, retrain=RetrainConfig(steps=3, batch_size=8))
+    summary: dict[str, object] = {}
+    folder = export_winner(evaluator, pd.Series({"arch": arch.key}), job, summary)
+    retrain = summary["retrain"]
+    assert retrain["steps"] == 3 and set(retrain["before"]) == set(retrain["after"]) == {"accuracy"}
     with canao.load(folder) as predictor:
         assert predictor.labels == ("bad", "good")
         predictions = predictor.predict([t[0] for t in texts[:5]])
-    reference = extract(supernet.model, arch)
+    # The exported, retrained winner is a Hugging Face checkpoint: Auto* loads it.
+    reference = AutoModelForSequenceClassification.from_pretrained(str(folder / "model")).eval()
+    assert not torch.equal(
+        reference.classifier.weight, extract(supernet.model, arch).classifier.weight
+    )
     batch = tokenizer(
         [t[0] for t in texts[:5]], max_length=SEQ, padding="max_length", return_tensors="pt"
     )
