@@ -70,7 +70,7 @@ def test_search_end_to_end_on_offline_data(tmp_path: Path) -> None:
     out = tmp_path / "search"
     common = [
         "search", "--teacher-examples", "64", "--supernet-steps", "2", "--dev-limit", "40",
-        "--seq", "32", "-o", str(out),
+        "--seq", "32", "--retrain-steps", "4", "-o", str(out),
     ]  # fmt: skip
     assert main([*common, "--trials", "3"]) == 0
     summary = json.loads((out / "summary.json").read_text())

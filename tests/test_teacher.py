@@ -82,7 +82,8 @@ def test_a_teacher_with_64_wide_heads_searches_end_to_end(tmp_path: Path, capsys
     (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "search"
     args = ["search", "--task", str(tmp_path / "data.csv"), "--teacher", str(base)]
-    args += ["--supernet-steps", "2", "--trials", "2", "--seq", "32", "-o", str(out)]
+    args += ["--supernet-steps", "2", "--trials", "2", "--seq", "32", "--retrain-steps", "2"]
+    args += ["-o", str(out)]
     assert main(args) == 0
     assert "fine-tuning" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
