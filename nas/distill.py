@@ -141,12 +141,14 @@ def hidden_state_loss(
     """Mean squared distance of the student's hidden states to the teacher's, at real tokens.
 
     ``student`` holds the embeddings' output then each kept layer's (``subnet_logits``);
-    ``teacher`` is Hugging Face's ``hidden_states`` (embeddings, then every layer). Student
-    layer i maps to the teacher layer it was cut from (``arch.kept_layers[i]``), and its ``d``
-    channels to the teacher's first ``d`` (hidden channels are importance-ordered).
+    ``teacher`` is Hugging Face's ``hidden_states`` (embeddings, then every layer). As in
+    TinyBERT's uniform mapping, student layer i of L stands for a block of the teacher's N
+    layers and matches the teacher's output at the block's end, ``(i + 1) * N // L``: the
+    last student layer matches the teacher's last, which is what the pooler and classifier
+    read. Its ``d`` channels match the teacher's first ``d`` (channels are importance-ordered).
     """
-    d = arch.hidden_size
-    targets = [teacher[0], *(teacher[index + 1] for index in arch.kept_layers)]
+    d, depth, layers = arch.hidden_size, len(teacher) - 1, arch.num_layers
+    targets = [teacher[0], *(teacher[(i + 1) * depth // layers] for i in range(layers))]
     weight = attention_mask[..., None].to(student[0].dtype)
     tokens = weight.sum() * d
     total = sum(
