@@ -365,8 +365,10 @@ def write_outputs(
         summary["winner_export"] = str(export_winner(evaluator, winner, job, summary))
     (job.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     scores = {name: float(winner[name]) for name in evaluator.metric_names if name in winner}
+    retrained = summary.get("retrain")
+    after = f" (retrained alone: {describe(retrained['after'])})" if retrained else ""  # type: ignore[index]
     log(
-        f"winner {winner['arch']}: {describe(scores, evaluator.majority)}; "
+        f"winner {winner['arch']}: {describe(scores, evaluator.majority)}{after}; "
         f"{winner['latency_ms']:.2f} ms ({summary['speedup_vs_teacher']:.1f}x faster than the "
         f"teacher); {summary['trials_at_or_below_majority']} trial(s) no better than the "
         f"majority class; outputs in {job.out}"
