@@ -22,7 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from canao.compiler.build import LIBRARY_NAME, MANIFEST_NAME, file_sha256, read_manifest
+from canao.compiler.build import (
+    LIBRARY_NAME,
+    MANIFEST_NAME,
+    file_sha256,
+    quiet_native_stderr,
+    read_manifest,
+)
 from canao.compiler.importer import INPUT_NAMES
 from canao.errors import ArtifactError, DeviceUnreachableError
 
@@ -156,7 +162,9 @@ def load(
         runner = remote_runner(library, address, device_type, timeout_s)
     else:
         _check_runs_here(manifest)
-        runner = local_runner(library, device_type)
+        # The VM logs a "Scope Loaded" warning from C++ on load; errors still raise.
+        with quiet_native_stderr():
+            runner = local_runner(library, device_type)
     return Predictor(paths, runner, manifest)
 
 
