@@ -100,8 +100,7 @@ def main() -> None:
     for arch in spread(supernet.space, args.archs, seed=0):
         shared = accuracy(extract(supernet.model, arch), tokenizer, dev)
         alone, _ = retrain(
-            ordered,
-            arch,
+            extract(ordered, arch),
             teacher_path,
             data["train"],
             RetrainConfig(steps=args.standalone_steps, learning_rate=config.learning_rate * 3),

@@ -469,10 +469,9 @@ def subset(split: Split, rows: np.ndarray) -> Split:
 
 def files_fingerprint(paths: Iterable[Path]) -> str:
     """A digest of the files' contents, so a cache follows the data, not where it lies."""
+    from canao.compiler.build import file_sha256
+
     digest = hashlib.sha256()
     for path in sorted(paths):
-        digest.update(path.name.encode())
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        digest.update(f"{path.name}:{file_sha256(path)}".encode())
     return digest.hexdigest()[:16]

@@ -170,7 +170,7 @@ def prepare(job: SearchJob, log: Log) -> SupernetEvaluator:
         data["train"],
         task_name(job.task),
         config=job.supernet,
-        progress=_bar("super-net", job),
+        progress=_bar("super-net", job, job.supernet.batch_size),
     )
     base = supernet.model.config
     evaluator = LatencyEvaluator(
@@ -211,8 +211,10 @@ def teacher_checkpoint(job: SearchJob, data: dict[str, Split], log: Log) -> Path
     return finetune(config, base_model=source.path, log=job.progress)
 
 
-def _bar(label: str, job: SearchJob) -> Callable[[int, int, dict[str, float]], None] | None:
-    """A super-network progress callback: a bar (or lines in a log) with the KL to the teacher."""
+def _bar(
+    label: str, job: SearchJob, batch_size: int
+) -> Callable[[int, int, dict[str, float]], None] | None:
+    """A training progress callback: a bar (or lines in a log) with the step's numbers."""
     if not job.progress:
         return None
     bar: dict[str, Progress] = {}
@@ -220,7 +222,7 @@ def _bar(label: str, job: SearchJob) -> Callable[[int, int, dict[str, float]], N
     def update(done: int, total: int, values: dict[str, float]) -> None:
         if label not in bar:
             bar[label] = Progress(label, total, rate_unit="ex")
-        bar[label].update(1, count=job.supernet.batch_size, **values)
+        bar[label].update(1, count=batch_size, **values)
 
     return update
 
@@ -362,7 +364,7 @@ def write_outputs(
         return SearchOutcome(frame, front, None, summary, job.out, evaluator)
     summary["speedup_vs_teacher"] = float(teacher["latency_ms"]) / float(winner["latency_ms"])
     if job.export_winner:
-        summary["winner_export"] = str(export_winner(evaluator, winner, job, summary))
+        summary["winner_export"] = str(export_winner(evaluator, winner, job, summary, log))
     (job.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     scores = {name: float(winner[name]) for name in evaluator.metric_names if name in winner}
     retrained = summary.get("retrain")
@@ -436,31 +438,33 @@ def plot_pareto(
 
 
 def retrain_winner(
-    evaluator: SupernetEvaluator, arch: ArchConfig, extracted: torch.nn.Module, job: SearchJob
-) -> tuple[torch.nn.Module, dict[str, object]] | None:
-    """The winner distilled alone from the teacher, with its metrics before and after."""
+    evaluator: SupernetEvaluator, extracted: torch.nn.Module, job: SearchJob, log: Log
+) -> dict[str, object] | None:
+    """Distil the extracted winner alone from the teacher (in place); its metrics before/after."""
     if job.retrain.steps <= 0 or evaluator.train is None:
         return None
     before = evaluator.score_model(extracted)
-    model, info = retrain(
-        evaluator.supernet.model,
-        arch,
+    _, info = retrain(
+        extracted,
         Path(str(evaluator.supernet.info["teacher"])),
         evaluator.train,
         job.retrain,
-        progress=_bar("retrain", job),
+        progress=_bar("retrain", job, job.retrain.batch_size),
     )
-    after = evaluator.score_model(model)
-    print(
+    after = evaluator.score_model(extracted)
+    log(
         f"retrained the winner alone for {job.retrain.steps} steps: "
-        f"{describe(before)} -> {describe(after, evaluator.majority)}",
-        flush=True,
+        f"{describe(before)} -> {describe(after, evaluator.majority)}"
     )
-    return model, {**info, "before": before, "after": after}
+    return {**info, "before": before, "after": after}
 
 
 def export_winner(
-    evaluator: SupernetEvaluator, winner: pd.Series, job: SearchJob, summary: dict[str, object]
+    evaluator: SupernetEvaluator,
+    winner: pd.Series,
+    job: SearchJob,
+    summary: dict[str, object],
+    log: Log = print,
 ) -> Path:
     """Hugging Face checkpoint (safetensors), compiled library + manifest, and a report."""
     from canao.compiler.build import compile_model, export_artifact
@@ -473,10 +477,9 @@ def export_winner(
     arch = ArchConfig.from_key(str(winner["arch"]))
     folder = job.out / "winner"
     model = extract(evaluator.supernet.model, arch)
-    retrained = retrain_winner(evaluator, arch, model, job)
+    retrained = retrain_winner(evaluator, model, job, log)
     if retrained is not None:
-        model = retrained[0]
-        summary["retrain"] = retrained[1]  # into summary.json and the winner's report
+        summary["retrain"] = retrained  # into summary.json and the winner's report
     model.save_pretrained(folder / "model")
     evaluator.supernet.tokenizer.save_pretrained(folder / "model")
     compiled = compile_model(load_model(model), job.target, "fast", InputSpec(1, job.seq))

@@ -23,8 +23,6 @@ from canao.nas.distill import (
     load_teacher,
     training_device,
 )
-from canao.nas.space import ArchConfig
-from canao.nas.supernet import extract
 from canao.nas.tasks import Split
 
 
@@ -39,16 +37,14 @@ class RetrainConfig:
 
 
 def retrain(
-    supernet_model: torch.nn.Module,
-    arch: ArchConfig,
+    student: torch.nn.Module,
     teacher_path: Path,
     train: Split,
     config: RetrainConfig,
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> tuple[torch.nn.Module, dict[str, object]]:
-    """``arch`` cut out of the super-network, then distilled alone; (model, what was done)."""
+    """Distil ``student`` (a cut-out sub-network) alone, in place; (it, what was done)."""
     teacher, tokenizer = load_teacher(teacher_path)
-    student = extract(supernet_model, arch)  # type: ignore[arg-type]
     torch.manual_seed(config.seed)
     device = training_device()
     student.to(device).train()

@@ -33,23 +33,30 @@ TEXTS = [
 ]
 
 
+def classifier_config(
+    tokenizer: BertTokenizerFast, labels: tuple[str, ...], hidden: int, layers: int, heads: int
+) -> BertConfig:
+    """A small random BERT classifier over MiniLM's vocabulary, its labels named."""
+    return BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)},
+    )
+
+
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A winner-shaped folder: model/ (checkpoint + tokenizer), compiled/ (model.so, manifest)."""
     folder = tmp_path_factory.mktemp("winner")
     tokenizer = BertTokenizerFast.from_pretrained(str(minilm_path()), local_files_only=True)
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=3,
-        id2label=dict(enumerate(LABELS)),
-        label2id={n: i for i, n in enumerate(LABELS)},
-    )
+    config = classifier_config(tokenizer, LABELS, hidden=32, layers=1, heads=2)
     model = BertForSequenceClassification(config).eval()
     model.save_pretrained(folder / "model")
     tokenizer.save_pretrained(folder / "model")
@@ -168,16 +175,7 @@ def test_an_exported_search_winner_predicts_like_its_pytorch_model(tmp_path: Pat
     from canao.nas.tasks import Split
 
     tokenizer = BertTokenizerFast.from_pretrained(str(minilm_path()), local_files_only=True)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=64,
-        id2label={0: "bad", 1: "good"},
-        label2id={"bad": 0, "good": 1},
-    )
+    config = classifier_config(tokenizer, ("bad", "good"), hidden=64, layers=2, heads=4)
     torch.manual_seed(0)
     BertForSequenceClassification(config).save_pretrained(tmp_path / "teacher")
     tokenizer.save_pretrained(tmp_path / "teacher")
