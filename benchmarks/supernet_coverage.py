@@ -13,7 +13,8 @@ Recipes (``--recipes``, comma-separated):
 - ``spaced``: evenly spaced layers (DistilBERT, DynaBERT), otherwise as ``logits``;
 - ``hidden``: spaced layers + hidden-state and embedding distillation + progressive
   shrinking (width first), learning rate 3e-5;
-- ``hidden-lr``: as ``hidden`` with learning rate 1e-4 (canao's default now).
+- ``hidden-lr``: as ``hidden`` with learning rate 1e-4;
+- ``depth-heads``: as ``hidden-lr`` with a pooler and classifier per depth (canao's default now).
 
     python benchmarks/supernet_coverage.py [--task movie-reviews] [--steps 200] [--archs 16]
 
@@ -43,7 +44,9 @@ RECIPES: dict[str, dict[str, object]] = {
     "spaced": {"hidden_weight": 0.0, "width_first": 0.0, "learning_rate": 3e-5},
     "hidden": {"hidden_weight": 1.0, "width_first": 0.3, "learning_rate": 3e-5},
     "hidden-lr": {"hidden_weight": 1.0, "width_first": 0.3, "learning_rate": 1e-4},
+    "depth-heads": {"hidden_weight": 1.0, "width_first": 0.3, "learning_rate": 1e-4},
 }
+DEPTH_HEADS = {"depth-heads"}
 DEPTH_RULE = {"logits": "first"}
 
 
@@ -83,7 +86,11 @@ def main() -> None:
     for recipe in args.recipes.split(","):
         base = SearchSpace.from_teacher(teacher.config)
         space = dataclasses.replace(base, depth_rule=DEPTH_RULE.get(recipe, "spaced"))
-        config = SupernetConfig(steps=args.steps, **RECIPES[recipe])  # type: ignore[arg-type]
+        config = SupernetConfig(
+            steps=args.steps,
+            depth_heads=recipe in DEPTH_HEADS,
+            **RECIPES[recipe],  # type: ignore[arg-type]
+        )
         started = time.perf_counter()
         supernet = train_supernet(teacher_path, data["train"], args.task, space, config)
         # Training time as measured when the super-network was trained (it may come from the cache).

@@ -30,7 +30,17 @@ from transformers import logging as hf_logging
 
 from canao.nas.finetune import accuracy, encode
 from canao.nas.space import ArchConfig, SearchSpace
-from canao.nas.supernet import IMPORTANCE, extract, reorder_by_importance, subnet_logits
+from canao.nas.supernet import (
+    DEPTH_HEADS,
+    IMPORTANCE,
+    add_depth_heads,
+    depth_heads,
+    extract,
+    load_depth_heads,
+    reorder_by_importance,
+    save_depth_heads,
+    subnet_logits,
+)
 from canao.nas.tasks import Split
 
 
@@ -49,6 +59,9 @@ class SupernetConfig:
     # Progressive shrinking (DynaBERT: width first, then depth): this fraction of the steps
     # samples widths at full depth only, the rest the whole space.
     width_first: float = 0.3
+    # A pooler and classifier per depth (supernet.add_depth_heads): shallow sub-networks read
+    # their own layers' output instead of sharing the full depth's read-out.
+    depth_heads: bool = True
     importance_batches: int = 8
     max_length: int = 64
     dropout: float = 0.1
@@ -194,6 +207,8 @@ def train_supernet(
     # copy computes the teacher's function exactly, and its hidden states line up channel
     # by channel with every sub-network's.
     reference = copy.deepcopy(student).eval()
+    if config.depth_heads:
+        add_depth_heads(student, space.layer_choices)
     log = _sandwich(student, reference, space, data, config, progress)
     info = {
         "task": task,
@@ -204,7 +219,7 @@ def train_supernet(
         "loss_log": log,
     }
     out.mkdir(parents=True, exist_ok=True)
-    student.save_pretrained(out)
+    _save_pretrained(student, out)
     tokenizer.save_pretrained(out)
     (out / "supernet.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     return SuperNet(student.eval(), tokenizer, space, out, info)
@@ -274,8 +289,23 @@ def _sandwich(
     return log
 
 
+def _save_pretrained(model: BertForSequenceClassification, out: Path) -> None:
+    """``save_pretrained`` of the shared weights, and the depth heads in a file of their own
+    (a ``BertForSequenceClassification`` loading the folder would drop them)."""
+    heads = depth_heads(model)
+    if heads is not None:
+        delattr(model, DEPTH_HEADS)
+    try:
+        model.save_pretrained(out)
+    finally:
+        if heads is not None:
+            setattr(model, DEPTH_HEADS, heads)
+    save_depth_heads(model, out)
+
+
 def load_supernet(path: Path) -> SuperNet:
     model, tokenizer = load_teacher(path)
+    load_depth_heads(model, path)
     info = json.loads((path / "supernet.json").read_text(encoding="utf-8"))
     space = SearchSpace(
         **{k: tuple(v) if isinstance(v, list) else v for k, v in info["space"].items()}

@@ -8,7 +8,9 @@ sub-network is a slice of its weights:
   embedding, layer norm, projection and the pooler are sliced alike);
 - heads ``h`` in a layer: the first ``h`` heads (rows of Q/K/V, columns of the
   attention output);
-- FFN size ``f``: the first ``f`` neurons.
+- FFN size ``f``: the first ``f`` neurons;
+- read-out: a sub-network shallower than the teacher reads its logits through its depth's own
+  pooler and classifier when the super-network has them (:func:`add_depth_heads`).
 
 "First" is made meaningful by :func:`reorder_by_importance`, which permutes
 heads, neurons and hidden channels so the most important come first; the
@@ -21,11 +23,14 @@ into a standalone :class:`~canao.nas.modeling.CanaoBertForSequenceClassification
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import copy
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from transformers import BertForSequenceClassification
 from transformers.activations import ACT2FN
 
@@ -145,10 +150,75 @@ def subnet_logits(
         )
         if hidden_states is not None:
             hidden_states.append(x)
-    pooler = bert.pooler.dense
+    pooler, classifier = readout(model, arch.num_layers)
     pooled = torch.tanh(F.linear(x[:, 0], pooler.weight[:d, :d], pooler.bias[:d]))
-    classifier = model.classifier
     return F.linear(_dropout(pooled, dropout, training), classifier.weight[:, :d], classifier.bias)
+
+
+# ---- depth heads: a read-out (pooler + classifier) per depth ----
+
+DEPTH_HEADS = "canao_depth_heads"  # the attribute (and state-dict prefix) they live under
+
+
+def add_depth_heads(model: BertForSequenceClassification, depths: Iterable[int]) -> None:
+    """Give each depth below the full one its own pooler and classifier, copied from the model's.
+
+    Why: with one shared read-out, a 1-layer sub-network's pooler reads the output of the
+    teacher's first layer through weights tuned for its last, and the shared weights cannot
+    serve both; in the quick-start super-network every 1- and 2-layer sub-network scored the
+    majority class. Per-depth read-outs are a few hundred thousand parameters and cost nothing
+    at inference: an extracted sub-network is a plain BERT with its depth's read-out.
+    """
+    full = model.config.num_hidden_layers
+    heads = torch.nn.ModuleDict(
+        {
+            str(depth): torch.nn.ModuleDict(
+                {
+                    "pooler": copy.deepcopy(model.bert.pooler.dense),
+                    "classifier": copy.deepcopy(model.classifier),
+                }
+            )
+            for depth in sorted(set(depths))
+            if depth < full
+        }
+    )
+    setattr(model, DEPTH_HEADS, heads)
+
+
+def depth_heads(model: BertForSequenceClassification) -> torch.nn.ModuleDict | None:
+    return getattr(model, DEPTH_HEADS, None)
+
+
+DEPTH_HEADS_FILE = "depth_heads.safetensors"
+
+
+def save_depth_heads(model: BertForSequenceClassification, folder: Path) -> None:
+    """Write the depth heads beside a ``save_pretrained`` folder (which leaves them out)."""
+    heads = depth_heads(model)
+    if heads is not None:
+        state = {k: v.detach().contiguous() for k, v in heads.state_dict().items()}
+        save_file(state, str(folder / DEPTH_HEADS_FILE))
+
+
+def load_depth_heads(model: BertForSequenceClassification, folder: Path) -> None:
+    """Re-attach the depth heads saved in ``folder``, if it has any."""
+    path = folder / DEPTH_HEADS_FILE
+    if not path.is_file():
+        return
+    state = load_file(str(path))
+    add_depth_heads(model, {int(name.split(".", 1)[0]) for name in state})
+    depth_heads(model).load_state_dict(state)  # type: ignore[union-attr]
+
+
+def readout(
+    model: BertForSequenceClassification, depth: int
+) -> tuple[torch.nn.Linear, torch.nn.Linear]:
+    """The pooler and classifier a sub-network of ``depth`` layers reads its logits through."""
+    heads = depth_heads(model)
+    if heads is not None and str(depth) in heads:
+        head = heads[str(depth)]
+        return head["pooler"], head["classifier"]
+    return model.bert.pooler.dense, model.classifier
 
 
 def _embed(
@@ -224,6 +294,14 @@ def sliced_state(model: BertForSequenceClassification, arch: ArchConfig) -> dict
             cuts[f"{p}{norm}.weight"] = (slice(d),)
             cuts[f"{p}{norm}.bias"] = (slice(d),)
     full = model.state_dict()
+    pooler, classifier = readout(model, arch.num_layers)
+    full = {
+        **full,
+        "bert.pooler.dense.weight": pooler.weight.detach(),
+        "bert.pooler.dense.bias": pooler.bias.detach(),
+        "classifier.weight": classifier.weight.detach(),
+        "classifier.bias": classifier.bias.detach(),
+    }
     for name, cut in cuts.items():
         prefix = next((p for p in sources if name.startswith(p)), None)
         source = name if prefix is None else sources[prefix] + name[len(prefix) :]

@@ -214,3 +214,27 @@ def test_hidden_state_loss_is_zero_for_the_teacher_against_itself() -> None:
         assert len(states) == 3 and states[0].shape[-1] == 32
         loss = hidden_state_loss(states, teacher_states, narrow, inputs["attention_mask"])
         assert float(loss) > 1e-4
+
+
+def test_depth_heads_read_out_shallow_subnetworks_and_survive_save_and_load(
+    tmp_path: Path,
+) -> None:
+    """A shallower sub-network reads its logits through its depth's own pooler and classifier;
+    the full depth keeps the teacher's; extraction carries the head; the cache round-trips."""
+    model, inputs = tiny_teacher(), batch()
+    shallow = ArchConfig(64, (2,), (64,), 16)
+    full = sn.full_arch(model)
+    before_shallow, before_full = sliced(model, shallow, inputs), sliced(model, full, inputs)
+    sn.add_depth_heads(model, (1, 2, 3))
+    assert sorted(sn.depth_heads(model)) == ["1", "2"]  # not the full depth: the teacher's own
+    assert torch.allclose(sliced(model, shallow, inputs), before_shallow)  # copies at first
+    with torch.no_grad():
+        sn.depth_heads(model)["1"]["classifier"].bias.add_(torch.tensor([3.0, -3.0]))
+    moved = sliced(model, shallow, inputs)
+    assert torch.allclose(moved, before_shallow + torch.tensor([3.0, -3.0]), atol=1e-5)
+    assert torch.allclose(sliced(model, full, inputs), before_full)
+    assert torch.allclose(logits(sn.extract(model, shallow), inputs), moved, atol=1e-5)
+    sn.save_depth_heads(model, tmp_path)
+    fresh = tiny_teacher()
+    sn.load_depth_heads(fresh, tmp_path)
+    assert torch.allclose(sliced(fresh, shallow, inputs), moved, atol=1e-6)
