@@ -179,6 +179,14 @@ def _add_search_parser(commands: argparse._SubParsersAction) -> None:
         default=300,
         help="distil the winner alone from the teacher for N steps before export (0: off)",
     )
+    search.add_argument(
+        "--retrain-top",
+        type=int,
+        default=1,
+        metavar="K",
+        help="retrain the winner and the next K-1 most accurate Pareto points within the "
+        "target; the best after retraining is exported (retrained.csv lists them)",
+    )
     search.add_argument("--dev-limit", type=int, help="score candidates on the first N dev rows")
     search.add_argument(
         "--predictor-skip",
@@ -266,6 +274,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
             steps=args.supernet_steps, seed=args.seed, importance=args.importance
         ),
         retrain=RetrainConfig(steps=args.retrain_steps, seed=args.seed),
+        retrain_top=args.retrain_top,
         dev_limit=args.dev_limit,
         predictor_skip=args.predictor_skip,
         rpc=_rpc_address(args),

@@ -73,6 +73,9 @@ class SearchJob:
     teacher_examples: int | None = None  # None: the whole training set
     supernet: SupernetConfig = field(default_factory=SupernetConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)  # steps 0: export as cut
+    # Retrain the winner and the next most accurate Pareto points within the target, k in all;
+    # the best after retraining is exported (cut-out accuracy is a shared-weight estimate).
+    retrain_top: int = 1
     dev_limit: int | None = None
     predictor_skip: float | None = None
     rpc: RPCAddress | None = None
@@ -362,9 +365,14 @@ def write_outputs(
         (job.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         log(f"no winner: {summary['no_winner']}; outputs in {job.out}")
         return SearchOutcome(frame, front, None, summary, job.out, evaluator)
+    model = None
+    if job.export_winner and job.retrain.steps > 0 and job.retrain_top > 1:
+        winner, model = retrain_front(evaluator, front, winner, job, settings, summary, log)
     summary["speedup_vs_teacher"] = float(teacher["latency_ms"]) / float(winner["latency_ms"])
     if job.export_winner:
-        summary["winner_export"] = str(export_winner(evaluator, winner, job, summary, log))
+        summary["winner_export"] = str(
+            export_winner(evaluator, winner, job, summary, log, model=model)
+        )
     (job.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     scores = {name: float(winner[name]) for name in evaluator.metric_names if name in winner}
     retrained = summary.get("retrain")
@@ -438,7 +446,11 @@ def plot_pareto(
 
 
 def retrain_winner(
-    evaluator: SupernetEvaluator, extracted: torch.nn.Module, job: SearchJob, log: Log
+    evaluator: SupernetEvaluator,
+    extracted: torch.nn.Module,
+    job: SearchJob,
+    log: Log,
+    what: str = "the winner",
 ) -> dict[str, object] | None:
     """Distil the extracted winner alone from the teacher (in place); its metrics before/after."""
     if job.retrain.steps <= 0 or evaluator.train is None:
@@ -453,10 +465,68 @@ def retrain_winner(
     )
     after = evaluator.score_model(extracted)
     log(
-        f"retrained the winner alone for {job.retrain.steps} steps: "
+        f"retrained {what} alone for {job.retrain.steps} steps: "
         f"{describe(before)} -> {describe(after, evaluator.majority)}"
     )
     return {**info, "before": before, "after": after}
+
+
+def retrain_candidates(
+    front: pd.DataFrame, winner: pd.Series, top: int, target_ms: float
+) -> list[pd.Series]:
+    """The winner, then the most accurate other Pareto points within the target (the fastest
+    ones when none is within it), ``top`` in all."""
+    others = front[front["arch"] != winner["arch"]]
+    within = others[others["latency_ms"] <= target_ms]
+    if within.empty:
+        ranked = others.sort_values("latency_ms")
+    else:
+        ranked = within.sort_values(["accuracy", "latency_ms"], ascending=[False, True])
+    return [winner, *(row for _, row in ranked.head(max(top - 1, 0)).iterrows())]
+
+
+def retrain_front(
+    evaluator: SupernetEvaluator,
+    front: pd.DataFrame,
+    winner: pd.Series,
+    job: SearchJob,
+    settings: SearchSettings,
+    summary: dict[str, object],
+    log: Log,
+) -> tuple[pd.Series, torch.nn.Module]:
+    """Retrain the top ``job.retrain_top`` candidates alone; the best after retraining wins.
+
+    Writes ``retrained.csv`` (each candidate's latency and its metrics before and after) and
+    ``summary["retrained"]``; returns the new winner's row and its retrained model.
+    """
+    rows, best = [], None
+    for row in retrain_candidates(front, winner, job.retrain_top, settings.latency_ms):
+        model = extract(evaluator.supernet.model, ArchConfig.from_key(str(row["arch"])))
+        info = retrain_winner(evaluator, model, job, log, what=f"candidate {row['arch']}")
+        assert info is not None  # retrain.steps > 0 and a training split: checked by the caller
+        rows.append(
+            {
+                "arch": row["arch"],
+                "latency_ms": float(row["latency_ms"]),
+                **{f"{k}_before": v for k, v in info["before"].items()},  # type: ignore[union-attr]
+                **info["after"],  # type: ignore[dict-item]
+            }
+        )
+        after = float(info["after"]["accuracy"])  # type: ignore[index]
+        key = (after, -float(row["latency_ms"]))
+        if best is None or key > best[0]:
+            best = (key, row, model, info)
+    table = pd.DataFrame(rows)
+    table.to_csv(job.out / "retrained.csv", index=False)
+    summary["retrained"] = table.to_dict("records")
+    assert best is not None
+    _, chosen, model, info = best
+    if chosen["arch"] != winner["arch"]:
+        summary["winner_from_search"] = _row_dict(winner)
+        log(f"after retraining, {chosen['arch']} beats the search's winner {winner['arch']}")
+    summary["winner"] = _row_dict(chosen)
+    summary["retrain"] = info
+    return chosen, model
 
 
 def export_winner(
@@ -465,8 +535,13 @@ def export_winner(
     job: SearchJob,
     summary: dict[str, object],
     log: Log = print,
+    model: torch.nn.Module | None = None,
 ) -> Path:
-    """Hugging Face checkpoint (safetensors), compiled library + manifest, and a report."""
+    """Hugging Face checkpoint (safetensors), compiled library + manifest, and a report.
+
+    ``model``: the winner already retrained (by :func:`retrain_front`); else it is cut out of
+    the super-network and retrained here.
+    """
     from canao.compiler.build import compile_model, export_artifact
     from canao.compiler.importer import InputSpec
     from canao.compiler.models import load_model
@@ -476,10 +551,11 @@ def export_winner(
 
     arch = ArchConfig.from_key(str(winner["arch"]))
     folder = job.out / "winner"
-    model = extract(evaluator.supernet.model, arch)
-    retrained = retrain_winner(evaluator, model, job, log)
-    if retrained is not None:
-        summary["retrain"] = retrained  # into summary.json and the winner's report
+    if model is None:
+        model = extract(evaluator.supernet.model, arch)
+        retrained = retrain_winner(evaluator, model, job, log)
+        if retrained is not None:
+            summary["retrain"] = retrained  # into summary.json and the winner's report
     model.save_pretrained(folder / "model")
     evaluator.supernet.tokenizer.save_pretrained(folder / "model")
     compiled = compile_model(load_model(model), job.target, "fast", InputSpec(1, job.seq))
