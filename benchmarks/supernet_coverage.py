@@ -30,7 +30,7 @@ import time
 
 import pandas as pd
 import torch
-from _results import header, publish
+from _results import RESULTS, header, publish
 
 from canao.nas.distill import SupernetConfig, load_teacher, train_supernet
 from canao.nas.finetune import FinetuneConfig, finetune, predict_labels
@@ -110,6 +110,12 @@ def main() -> None:
                 }
             )
     table = pd.DataFrame(rows)
+    # Recipes not rerun keep their earlier rows: the table grows one recipe at a time.
+    earlier = RESULTS / "supernet_coverage.csv"
+    if earlier.is_file():
+        kept = pd.read_csv(earlier)
+        kept = kept[~kept["recipe"].isin(table["recipe"].unique())]
+        table = pd.concat([kept, table], ignore_index=True)
     shown = (
         table.groupby("recipe", sort=False)
         .agg(

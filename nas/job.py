@@ -168,11 +168,12 @@ def prepare(job: SearchJob, log: Log) -> SupernetEvaluator:
     data = load_task(job.task)
     teacher = teacher_checkpoint(job, data, log)
     log(f"super-network: {job.supernet.steps} sandwich steps (cached after the first run)")
+    length = task_length(data, job.supernet.max_length)
     supernet = train_supernet(
         teacher,
         data["train"],
         task_name(job.task),
-        config=job.supernet,
+        config=replace(job.supernet, max_length=length),
         progress=_bar("super-net", job, job.supernet.batch_size),
     )
     base = supernet.model.config
@@ -190,8 +191,20 @@ def prepare(job: SearchJob, log: Log) -> SupernetEvaluator:
     classes = int(base.num_labels)
     majority = majority_scores(names, data["train"].labels, dev.labels, classes)
     return SupernetEvaluator(
-        supernet, dev, evaluator, metric_names=names, majority=majority, train=data["train"]
+        supernet,
+        dev,
+        evaluator,
+        max_length=length,
+        metric_names=names,
+        majority=majority,
+        train=data["train"],
     )
+
+
+def task_length(data: dict[str, Split], length: int) -> int:
+    """Tokens per example for training and scoring: sentence pairs (RTE, MRPC) get 128, as
+    their teacher does; at 64 most RTE pairs would lose their second sentence."""
+    return max(length, 128) if data["train"].is_pair else length
 
 
 def teacher_checkpoint(job: SearchJob, data: dict[str, Split], log: Log) -> Path:
@@ -209,7 +222,7 @@ def teacher_checkpoint(job: SearchJob, data: dict[str, Split], log: Log) -> Path
         epochs=job.teacher_epochs,
         train_limit=job.teacher_examples,
         seed=job.seed,
-        max_length=128 if data["train"].is_pair else 64,
+        max_length=task_length(data, 64),
     )
     return finetune(config, base_model=source.path, log=job.progress)
 
@@ -460,7 +473,7 @@ def retrain_winner(
         extracted,
         Path(str(evaluator.supernet.info["teacher"])),
         evaluator.train,
-        job.retrain,
+        replace(job.retrain, max_length=evaluator.max_length),
         progress=_bar("retrain", job, job.retrain.batch_size),
     )
     after = evaluator.score_model(extracted)

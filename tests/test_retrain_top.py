@@ -64,3 +64,12 @@ def test_retraining_the_front_exports_the_best_after_retraining(tmp_path: Path) 
     )
     assert summary["retrain"]["steps"] == 2
     assert (chosen["arch"] != large.key) == ("winner_from_search" in summary)
+
+
+def test_sentence_pairs_are_trained_and_scored_at_128_tokens() -> None:
+    from canao.nas.job import task_length
+
+    pairs = {"train": Split((("a premise", "a hypothesis"),), (0,))}
+    single = {"train": Split((("a sentence",),), (0,))}
+    assert task_length(pairs, 64) == 128 and task_length(single, 64) == 64
+    assert task_length(pairs, 256) == 256
