@@ -46,7 +46,7 @@ def _tvm_default_fused(target: object) -> object:
 
 
 def cpu_stages(
-    target: object, canao_fusion: bool, approximate: bool = False
+    target: object, canao_fusion: bool, approximate: bool = False, int8: bool = False
 ) -> list[tuple[str, object]]:
     """The named passes of canao's CPU pipelines, in order (the fusion report walks them).
 
@@ -57,6 +57,7 @@ def cpu_stages(
     from tvm.s_tir import dlight
 
     from canao.compiler.schedules.dense import choose_tiling, vector_lanes
+    from canao.compiler.schedules.dense_int8 import int8_tiling
     from canao.compiler.schedules.pack_dense import pack_dense_weights
     from canao.compiler.schedules.rules import default_rules
     from canao.compiler.schedules.vector_math import vectorised_math
@@ -89,7 +90,12 @@ def cpu_stages(
         *(fusion if canao_fusion else []),
         (
             "pack_dense" + ("_with_epilogues" if canao_fusion else ""),
-            pack_dense_weights(tiling, fuse_epilogues=canao_fusion, approximate=approximate),
+            pack_dense_weights(
+                tiling,
+                fuse_epilogues=canao_fusion,
+                approximate=approximate,
+                int8=int8_tiling(target) if int8 else None,
+            ),
         ),
         # Q/K/V slices -> one attention kernel (needs the packed Q/K/V output and the softmax).
         *(
@@ -114,11 +120,13 @@ def cpu_stages(
     ]
 
 
-def _cpu_pipeline(target: object, canao_fusion: bool, approximate: bool = False) -> object:
+def _cpu_pipeline(
+    target: object, canao_fusion: bool, approximate: bool = False, int8: bool = False
+) -> object:
     import tvm
 
     return tvm.transform.Sequential(
-        [stage for _, stage in cpu_stages(target, canao_fusion, approximate)],
+        [stage for _, stage in cpu_stages(target, canao_fusion, approximate, int8)],
         name="canao.fast" if canao_fusion else "canao.fast-tvm-fusion",
     )
 
@@ -176,6 +184,12 @@ def _canao_fast_approx(target: object) -> object:
     return _cpu_pipeline(target, canao_fusion=True, approximate=True)
 
 
+def _canao_fast_int8(target: object) -> object:
+    if "gpu" in target.keys:  # type: ignore[attr-defined]
+        raise UnknownPipelineError("pipeline 'fast-int8' is CPU-only (x86 AVX-512 VNNI) for now")
+    return _cpu_pipeline(target, canao_fusion=True, int8=True)
+
+
 PIPELINES: dict[str, PipelineFactory] = {
     "default": _tvm_default,
     "default-fused": _tvm_default_fused,
@@ -183,7 +197,11 @@ PIPELINES: dict[str, PipelineFactory] = {
     "fast-tvm-fusion": _canao_fast_tvm_fusion,
     # Opt-in lossy math: I-BERT polynomial GELU/exp (bounds in vector_math).
     "fast-approx": _canao_fast_approx,
+    # Dynamic-range int8 dense layers (schedules.dense_int8): lossy, checked against a
+    # PyTorch model quantized the same way (compiler.quantized).
+    "fast-int8": _canao_fast_int8,
 }
+INT8_PIPELINES = frozenset({"fast-int8"})
 
 
 def register_pipeline(name: str, factory: PipelineFactory) -> None:

@@ -14,6 +14,8 @@ import numpy as np
 
 from canao.compiler.build import CompiledModel
 from canao.compiler.importer import example_inputs, torch_reference
+from canao.compiler.pipelines import INT8_PIPELINES
+from canao.compiler.quantized import INT8_ATOL, INT8_RTOL, NOISE_FACTOR, quantized_reference
 from canao.errors import NumericsMismatchError
 
 # Sequence lengths a symbolic-length build is checked at.
@@ -42,21 +44,32 @@ def compare(
     tolerance: Tolerance | None = None,
 ) -> dict[str, object]:
     """Compare one output with PyTorch's for the same inputs; raise on a mismatch."""
-    tolerance = tolerance or Tolerance()
-    reference = torch_reference(compiled.model.module, inputs)
+    int8 = compiled.pipeline in INT8_PIPELINES
+    tolerance = tolerance or (Tolerance(INT8_ATOL, INT8_RTOL) if int8 else Tolerance())
+    module = compiled.model.module
+    # An int8 build is held to the same model quantized the same way; its distance from the
+    # fp32 model is the quantization error, reported beside it (compiler.quantized).
+    reference = torch_reference(quantized_reference(module) if int8 else module, inputs)
+    fp32 = torch_reference(module, inputs) if int8 else reference
+    noise = float(np.abs(reference.astype(np.float64) - fp32).max())
     if output.shape != reference.shape:
         raise NumericsMismatchError(
             f"{compiled.model.name} on {compiled.target.name}/{compiled.pipeline}: output shape "
             f"{output.shape} differs from PyTorch's {reference.shape}"
         )
     diff = float(np.abs(output.astype(np.float64) - reference).max())
-    bound = tolerance.bound(reference)
+    bound = max(tolerance.bound(reference), tolerance.atol + NOISE_FACTOR * noise)
     if not diff <= bound:  # also catches NaN
         raise NumericsMismatchError(
             f"{compiled.model.name} on {compiled.target.name}/{compiled.pipeline} ({device}): "
             f"max abs diff {diff:.3g} vs PyTorch exceeds tolerance {bound:.3g}"
         )
-    return {"max_abs_diff": diff, "tolerance": bound, "device": device}
+    result: dict[str, object] = {"max_abs_diff": diff, "tolerance": bound, "device": device}
+    if int8:
+        result["reference"] = "PyTorch, dense layers quantized as the int8 kernels"
+        result["fp32_max_abs_diff"] = float(np.abs(output.astype(np.float64) - fp32).max())
+        result["reference_vs_fp32"] = noise
+    return result
 
 
 def verify(

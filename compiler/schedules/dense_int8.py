@@ -41,6 +41,26 @@ class Int8Tiling:
         return self.panels * LANES
 
 
+def int8_tiling(target: object) -> Int8Tiling:
+    """The int8 register tile for ``target``; one clear error where there is no VNNI."""
+    from tvm.target.codegen import llvm_cpu_has_features
+
+    from canao.errors import UnknownPipelineError
+
+    if not llvm_cpu_has_features(["avx512vnni"], target):
+        raise UnknownPipelineError(
+            "int8 builds need AVX-512 VNNI (vpdpbusd) for now; this target's CPU "
+            f"({getattr(target, 'attrs', {}).get('mcpu', '?')}) has none"
+        )
+    return Int8Tiling()
+
+
+def int8_packs(n: int, tiling: Int8Tiling) -> bool:
+    """Which dense layers go int8: as the fp32 rule, whole tiles or more than one (a
+    classifier's 2 outputs stay fp32, as XNNPACK leaves tiny layers to its fp32 path)."""
+    return n % tiling.nb == 0 or n > tiling.nb
+
+
 def padded(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
@@ -117,7 +137,7 @@ def _register_vnni() -> str:
     try:
         TensorIntrin.get(VNNI_INTRIN)
         return VNNI_INTRIN
-    except Exception:  # noqa: BLE001 (TVM raises its own error type when absent)
+    except Exception:
         pass
 
     # The accumulators are a register tile (scope "local"), which TVM's own description
@@ -181,9 +201,7 @@ def quantize_primfunc(m: int, k: int) -> object:
     scale = te.compute((m,), scale_of, name="sa")
     zero_point = te.compute(
         (m,),
-        lambda i: te.max(
-            te.min(te.floor(-te.min(lo[i], zero_f) / scale[i] + half), 255.0), zero_f
-        ),
+        lambda i: te.max(te.min(te.floor(-te.min(lo[i], zero_f) / scale[i] + half), 255.0), zero_f),
         name="zf",
     )
     qa = te.compute(
@@ -238,8 +256,9 @@ def dense_int8_primfunc(m: int, kp: int, n: int, epilogue: str, tiling: Int8Tili
     args = [qa, sa, za, wq, cs, sw]
     out = te.compute(
         (m, n),
-        lambda i, j: (acc[i, j] - za[i].astype("int32") * cs[j]).astype("float32")
-        * (sa[i] * sw[j]),
+        lambda i, j: (
+            (acc[i, j] - za[i].astype("int32") * cs[j]).astype("float32") * (sa[i] * sw[j])
+        ),
         name="dequant",
     )
     epilogue_blocks = ["dequant"]

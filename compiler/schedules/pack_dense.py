@@ -17,6 +17,16 @@ from typing import Any
 import numpy as np
 
 from canao.compiler.schedules.dense import DenseTiling, dense_primfunc, pack_weight
+from canao.compiler.schedules.dense_int8 import (
+    GROUP,
+    Int8Tiling,
+    dense_int8_primfunc,
+    int8_packs,
+    pack_int8_weight,
+    padded,
+    quantize_primfunc,
+    quantize_weight,
+)
 
 
 def _static_shape(expr: Any) -> tuple[int, ...] | None:
@@ -43,12 +53,25 @@ def _patterns() -> dict[str, Any]:
 
 
 class _Rewriter:
-    def __init__(self, tiling: DenseTiling, builder: Any, approximate: bool = False) -> None:
+    def __init__(
+        self,
+        tiling: DenseTiling,
+        builder: Any,
+        approximate: bool = False,
+        int8: Int8Tiling | None = None,
+    ) -> None:
         self.tiling = tiling
         self.approximate = approximate
+        self.int8 = int8  # dynamic-range int8 kernels instead of fp32 ones (dense_int8)
         self.builder = builder  # relax.BlockBuilder over the module: gives typed GlobalVars
-        self.kernels: dict[tuple[int, int, int, str], Any] = {}  # -> GlobalVar
+        self.kernels: dict[tuple[object, ...], Any] = {}  # -> GlobalVar
         self.p = _patterns()
+
+    def add(self, key: tuple[object, ...], name: str, make: Any) -> Any:
+        if key not in self.kernels:
+            # TE names every function "main"; a module needs distinct symbols.
+            self.kernels[key] = self.builder.add_func(make().with_attr("global_symbol", name), name)
+        return self.kernels[key]
 
     def kernel(self, m: int, k: int, n: int, epilogue: str) -> Any:
         key = (m, k, n, epilogue)
@@ -78,6 +101,13 @@ class _Rewriter:
             return expr  # not a shape this kernel handles: leave it to the generic path
         k, n = w_shape
         m = int(np.prod(x_shape[:-1]))
+        if self.int8 is not None and int8_packs(n, self.int8):
+            x2 = relax.op.reshape(x, (m, k)) if len(x_shape) != 2 else x
+            bias = matches[self.p["b"]].value.numpy() if epilogue != "none" else None
+            if bias is not None and bias.size != n:
+                return expr
+            call = self.int8_dense(x2, w.value.numpy(), bias, m, k, n, epilogue)
+            return call if out_shape == (m, n) else relax.op.reshape(call, out_shape)
         # An N that is not whole panels (a pruned FFN: 1302) gets zero columns up to the
         # next panel and is sliced back: the generic path is ~10x slower than the waste.
         wide = self.tiling.padded(n)
@@ -96,9 +126,56 @@ class _Rewriter:
             call = relax.op.strided_slice(call, axes=[1], begin=[0], end=[n])
         return call if out_shape == (m, n) else relax.op.reshape(call, out_shape)
 
+    def int8_dense(
+        self,
+        x: Any,
+        weight: np.ndarray,
+        bias: np.ndarray | None,
+        m: int,
+        k: int,
+        n: int,
+        epilogue: str,
+    ) -> Any:
+        """Quantize ``x`` per row, then one int8 GEMM with dequant/bias/GELU in its write-back."""
+        from tvm import relax
+
+        tiling = self.int8
+        assert tiling is not None
+        kp, wide = padded(k, GROUP), padded(n, tiling.nb)
+        qw, sw = quantize_weight(weight)
+        qw = np.pad(qw, ((0, 0), (0, wide - n)))  # zero columns: sliced off below
+        sw = np.pad(sw, (0, wide - n), constant_values=1.0).astype(np.float32)
+        quantize = self.add(
+            ("q8", m, k), f"canao_quantize_u8_{m}x{k}", lambda: quantize_primfunc(m, k)
+        )
+        rows = relax.TensorType((m,), "float32")
+        q = relax.call_tir(quantize, [x], [relax.TensorType((m, kp), "uint8"), rows, rows])
+        args = [
+            relax.TupleGetItem(q, 0),
+            relax.TupleGetItem(q, 1),
+            relax.TupleGetItem(q, 2),
+            relax.const(pack_int8_weight(qw, tiling.nb)),
+            relax.const(qw.astype(np.int32).sum(0).astype(np.int32)),
+            relax.const(sw),
+        ]
+        if bias is not None:
+            args.append(relax.const(np.pad(bias.reshape(n), (0, wide - n)).astype(np.float32)))
+        kernel = self.add(
+            ("i8", m, kp, wide, epilogue),
+            f"canao_dense_int8_{epilogue}_{m}x{kp}x{wide}",
+            lambda: dense_int8_primfunc(m, kp, wide, epilogue, tiling),
+        )
+        call = relax.call_tir(kernel, args, relax.TensorType((m, wide), "float32"))
+        if wide != n:
+            call = relax.op.strided_slice(call, axes=[1], begin=[0], end=[n])
+        return call
+
 
 def pack_dense_weights(
-    tiling: DenseTiling, fuse_epilogues: bool = True, approximate: bool = False
+    tiling: DenseTiling,
+    fuse_epilogues: bool = True,
+    approximate: bool = False,
+    int8: Int8Tiling | None = None,
 ) -> Any:
     """The pass (a ``tvm.transform.Pass``) for one register tiling.
 
@@ -113,7 +190,7 @@ def pack_dense_weights(
     @tvm.transform.module_pass(opt_level=0, name="canao.PackDenseWeights")
     def transform(mod: Any, _ctx: Any) -> Any:
         builder = relax.BlockBuilder(mod)
-        rewriter = _Rewriter(tiling, builder, approximate)
+        rewriter = _Rewriter(tiling, builder, approximate, int8)
         # Longest pattern first, so a GELU layer becomes one kernel, not dense + GELU.
         order = (("gelu", "bias_gelu"), ("biased", "bias"), ("mm", "none"))
         if not fuse_epilogues:

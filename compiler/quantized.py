@@ -1,0 +1,65 @@
+"""The PyTorch model an int8 build is checked against: the same model, its dense layers
+computed exactly as :mod:`canao.compiler.schedules.dense_int8` computes them.
+
+An int8 build cannot match the fp32 model to 1e-4 (quantization moves the logits by about
+1e-3 of their range), and a loose bound against fp32 would hide a wrong kernel. So each
+``nn.Linear`` that the int8 pass rewrites is swapped, in a copy, for :class:`DynamicInt8Linear`
+(per-row uint8 activations, per-channel int8 weights, exact integer sums), and the build must
+match that copy tightly; its distance from fp32 is reported beside it, as the quantization
+error.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from canao.compiler.schedules.dense_int8 import (
+    Int8Tiling,
+    int8_packs,
+    quantize_weight,
+    reference_dense,
+)
+
+# How far an int8 build may be from the same-scheme PyTorch model. Dynamic quantization is
+# discontinuous: a value within float rounding (~1e-6) of a rounding midpoint can go the
+# other way in the compiled layer norm's output, moving that element by one step (1/255 of
+# its row's range), and each later layer amplifies such differences until they are as large
+# as quantization noise itself. So one layer matches the reference to ~1e-5 (the kernel
+# tests), but a 6-layer model only to the order of its own quantization error. The bound is
+# therefore relative to that error, measured on the same inputs: a build no further from the
+# reference than NOISE_FACTOR times the reference's distance from fp32. A wrong kernel (a
+# zero point, scale or packing off) lands orders of magnitude beyond it.
+INT8_ATOL = 1e-4
+INT8_RTOL = 1e-3
+NOISE_FACTOR = 3.0
+
+
+class DynamicInt8Linear(torch.nn.Module):
+    """``nn.Linear`` as the int8 kernel computes it (GELU stays in the next module)."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach().t().contiguous().numpy()  # [K, N]
+        self.qw, self.sw = quantize_weight(weight)
+        self.bias = None if linear.bias is None else linear.bias.detach().numpy().copy()
+        self.out_features = linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).float()
+        y = reference_dense(rows, self.qw, self.sw, self.bias, "bias")
+        return y.reshape(*x.shape[:-1], self.out_features)  # type: ignore[union-attr]
+
+
+def quantized_reference(
+    module: torch.nn.Module, tiling: Int8Tiling | None = None
+) -> torch.nn.Module:
+    """A copy of ``module`` with each dense layer the int8 pass rewrites made int8."""
+    tiling = tiling or Int8Tiling()
+    copied = copy.deepcopy(module).eval()
+    for parent in list(copied.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear) and int8_packs(child.out_features, tiling):
+                setattr(parent, name, DynamicInt8Linear(child))
+    return copied

@@ -1,0 +1,153 @@
+"""Dynamic-range int8: the VNNI kernel against its PyTorch reference, and int8 builds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from canao.compiler.build import compile_model
+from canao.compiler.importer import InputSpec
+from canao.compiler.models import load_model
+from canao.compiler.schedules import pack_dense
+from canao.compiler.schedules.dense_int8 import (
+    GROUP,
+    Int8Tiling,
+    dense_int8_primfunc,
+    pack_int8_weight,
+    padded,
+    quantize_primfunc,
+    quantize_rows,
+    quantize_weight,
+    reference_dense,
+)
+from canao.compiler.targets import get_target
+from canao.compiler.verify import verify_locally
+from canao.errors import NumericsMismatchError
+from tests.conftest import write_config
+
+
+def _host_has_vnni() -> bool:
+    from tvm.target.codegen import llvm_cpu_has_features
+
+    return bool(llvm_cpu_has_features(["avx512vnni"], get_target("x86").tvm_target()))
+
+
+pytestmark = pytest.mark.skipif(not _host_has_vnni(), reason="this CPU has no AVX-512 VNNI")
+
+
+def run_kernel(x: np.ndarray, w: np.ndarray, b: np.ndarray, epilogue: str) -> tuple:
+    """Quantize + int8 GEMM as the pass lays them out (K and N padded); (output, asm)."""
+    import tvm
+
+    tiling = Int8Tiling()
+    m, k = x.shape
+    n = w.shape[1]
+    kp, wide = padded(k, GROUP), padded(n, tiling.nb)
+    qw, sw = quantize_weight(w)
+    target = get_target("x86").tvm_target()
+    quant = tvm.compile(tvm.IRModule({"main": quantize_primfunc(m, k)}), target=target)
+    gemm = tvm.compile(
+        tvm.IRModule({"main": dense_int8_primfunc(m, kp, wide, epilogue, tiling)}),
+        target=target,
+    )
+    dev = tvm.cpu()
+    qa = tvm.runtime.empty((m, kp), "uint8", dev)
+    sa, za = (tvm.runtime.empty((m,), "float32", dev) for _ in range(2))
+    quant["main"](tvm.runtime.tensor(x, dev), qa, sa, za)
+    padded_qw = np.pad(qw, ((0, 0), (0, wide - n)))
+    args = [
+        qa,
+        sa,
+        za,
+        tvm.runtime.tensor(pack_int8_weight(padded_qw, tiling.nb), dev),
+        tvm.runtime.tensor(padded_qw.astype(np.int32).sum(0).astype(np.int32), dev),
+        tvm.runtime.tensor(np.pad(sw, (0, wide - n), constant_values=1.0), dev),
+    ]
+    if epilogue != "none":
+        args.append(tvm.runtime.tensor(np.pad(b, (0, wide - n)), dev))
+    out = tvm.runtime.empty((m, wide), "float32", dev)
+    gemm["main"](*args, out)
+    expected = reference_dense(
+        torch.from_numpy(x), qw, sw, None if epilogue == "none" else b, epilogue
+    )
+    return out.numpy()[:, :n], expected.numpy(), gemm.mod.inspect_source("asm")  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("m", "k", "n", "epilogue"),
+    [
+        (7, 30, 80, "bias"),  # M odd, K not a multiple of 4, N not whole 64-wide tiles
+        (1, 384, 384, "bias"),  # the pooler's single row
+        (12, 64, 192, "none"),
+        (16, 96, 130, "bias_gelu"),
+    ],
+)
+def test_int8_kernel_matches_its_reference_on_awkward_shapes(
+    m: int, k: int, n: int, epilogue: str
+) -> None:
+    rng = np.random.default_rng(m * 1000 + k + n)
+    x = (rng.standard_normal((m, k)) * 2 + 0.3).astype(np.float32)
+    w = (rng.standard_normal((k, n)) * 0.1).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    got, expected, asm = run_kernel(x, w, b, epilogue)
+    # Exact integer sums on both sides: only the final float scaling rounds differently.
+    np.testing.assert_allclose(got, expected, atol=1e-5 * max(1.0, np.abs(expected).max()))
+    assert "vpdpbusd" in asm  # the VNNI instruction, not a scalar or pmaddubsw fallback
+    fp32 = x @ w + (0 if epilogue == "none" else b)
+    if epilogue == "bias_gelu":
+        fp32 = torch.nn.functional.gelu(torch.from_numpy(fp32)).numpy()
+    # And it is a quantization of the fp32 product, not some other function.
+    assert np.abs(got - fp32).max() < 0.05 * np.abs(fp32).max()
+
+
+def test_activation_quantization_is_exact() -> None:
+    import tvm
+
+    x = np.random.default_rng(0).standard_normal((5, 30)).astype(np.float32)
+    x[2] = np.abs(x[2])  # a row with no negative value: the zero point is 0
+    x[3] = 0.0  # an all-zero row: scale 1, nothing divides by zero
+    lib = tvm.compile(
+        tvm.IRModule({"main": quantize_primfunc(5, 30)}), get_target("x86").tvm_target()
+    )
+    dev = tvm.cpu()
+    qa = tvm.runtime.empty((5, 32), "uint8", dev)
+    sa, za = (tvm.runtime.empty((5,), "float32", dev) for _ in range(2))
+    lib["main"](tvm.runtime.tensor(x, dev), qa, sa, za)
+    q, scale, zero = quantize_rows(torch.from_numpy(x))
+    assert np.array_equal(qa.numpy()[:, :30], q.numpy().astype(np.uint8))
+    assert not qa.numpy()[:, 30:].any()  # K padding is zero
+    np.testing.assert_array_equal(sa.numpy(), scale.numpy())
+    np.testing.assert_array_equal(za.numpy(), zero.numpy())
+    assert za.numpy()[2] == 0 and sa.numpy()[3] == 1.0
+
+
+def test_int8_build_is_checked_against_the_same_scheme_in_pytorch(tmp_path: Path) -> None:
+    model = load_model(write_config(tmp_path, intermediate_size=160), head="classification")
+    compiled = compile_model(model, "x86", "fast-int8", InputSpec(1, 24))
+    names = [gv.name_hint for gv in compiled.lowered.functions]
+    assert any(name.startswith("canao_dense_int8_bias_gelu") for name in names)
+    assert any(name.startswith("canao_quantize_u8") for name in names)
+    numerics = verify_locally(compiled)
+    assert numerics["max_abs_diff"] <= numerics["tolerance"]
+    assert numerics["fp32_max_abs_diff"] > 0  # lossy, and reported as such
+    assert "quantized" in str(numerics["reference"])
+
+
+def test_a_wrong_int8_kernel_fails_the_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Weights scaled 10% off (a wrong per-channel scale) must not pass as quantization noise."""
+    real = pack_dense.quantize_weight
+
+    def off_by_ten_percent(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        q, scale = real(weight)
+        return q, (scale * np.float32(1.1)).astype(np.float32)
+
+    monkeypatch.setattr(pack_dense, "quantize_weight", off_by_ten_percent)
+    model = load_model(write_config(tmp_path), head="base")
+    compiled = compile_model(model, "x86", "fast-int8", InputSpec(1, 24))
+    with pytest.raises(NumericsMismatchError, match="exceeds tolerance"):
+        verify_locally(compiled)
