@@ -65,14 +65,14 @@ from canao.locks import file_lock
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-SYSTEMS = ("torch-eager", "onnxruntime", "litert-fp32", "litert-int8")
+SYSTEMS = ("torch-eager", "onnxruntime", "onnxruntime-int8", "litert-fp32", "litert-int8")
 REFERENCE_SYSTEM = "litert-fp32"  # what edge deployments ship today: the bar to beat
 SPEEDUP_COLUMN = f"speedup_vs_{REFERENCE_SYSTEM.replace('-', '_')}"
 EXTRA = "canao[baselines]"
 LITERT_TORCH_VERSION = "0.10.0"
 LITERT_SIGNATURE = "serving_default"
 BASELINE_PIPELINE = "baseline"  # Measurement.pipeline of every baseline row
-QUANTIZED_SYSTEMS = frozenset({"litert-int8"})  # expected to differ from PyTorch
+QUANTIZED_SYSTEMS = frozenset({"litert-int8", "onnxruntime-int8"})  # differ from PyTorch
 
 # One table for baselines and canao's own builds (see row_from_measurement).
 COLUMNS = (
@@ -182,8 +182,9 @@ class OnnxRuntimeRunner(BaselineRunner):
 
     name = "onnxruntime"
 
-    def __init__(self, onnx_path: Path, threads: int) -> None:
+    def __init__(self, onnx_path: Path, threads: int, name: str = "onnxruntime") -> None:
         super().__init__(threads)
+        self.name = name
         ort = _require("onnxruntime", "ONNX Runtime")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -417,6 +418,22 @@ def _run_checked(command: list[str], what: str, timeout: float) -> None:
         raise BaselineError(f"{what} failed (exit {done.returncode}):\n{tail}")
 
 
+def onnx_int8_model(model: LoadedModel, batch: int, seq: int, cache: Path | None = None) -> Path:
+    """ONNX Runtime's dynamic int8 (``quantize_dynamic``: int8 weights, activations quantized
+    per tensor at run time, what its docs recommend for BERT), cached beside the fp32 file."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    source = onnx_model(model, batch, seq, cache)
+    path = source.with_name(source.stem + "-dynamic-int8.onnx")
+    if path.is_file():
+        return path
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        staged = Path(tmp) / path.name
+        quantize_dynamic(str(source), str(staged), weight_type=QuantType.QInt8)
+        os.replace(staged, path)
+    return path
+
+
 # --------------------------------------------------------------------------- the venv
 
 
@@ -512,6 +529,9 @@ def make_runner(
     if system == "onnxruntime":
         _require("onnxruntime", "ONNX Runtime")  # before a pointless export
         return OnnxRuntimeRunner(onnx_model(model, batch, seq), threads)
+    if system == "onnxruntime-int8":
+        _require("onnxruntime", "ONNX Runtime")
+        return OnnxRuntimeRunner(onnx_int8_model(model, batch, seq), threads, system)
     if system in ("litert-fp32", "litert-int8"):
         _require("ai_edge_litert.interpreter", "LiteRT (ai-edge-litert)")
         variant = system.removeprefix("litert-")

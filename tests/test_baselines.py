@@ -107,6 +107,20 @@ def test_onnxruntime_matches_pytorch(tiny: LoadedModel, inputs, reference) -> No
     assert list((baselines.cache_dir() / "baselines" / "onnx").glob("*.onnx")) == onnx_files
 
 
+def test_onnxruntime_dynamic_int8_is_quantized_and_close(
+    tiny: LoadedModel, inputs, reference
+) -> None:
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed (canao[baselines])")
+    import onnx
+
+    runner = make_runner("onnxruntime-int8", tiny, batch=1, seq=SEQ, threads=1)
+    path = next((baselines.cache_dir() / "baselines" / "onnx").glob("*-dynamic-int8.onnx"))
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert ops & {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul"}, ops
+    diff, bound = check_numerics(runner, inputs, reference)
+    assert np.isnan(bound) and 0 < diff < 0.1 * np.abs(reference).max()  # lossy, not broken
+
+
 @pytest.mark.slow
 def test_litert_fp32_matches_pytorch(tiny, inputs, reference, litert_cache: Path) -> None:
     runner = _runner_with_cache("litert-fp32", tiny, litert_cache, threads=2)
