@@ -59,6 +59,31 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+PRECISION_PIPELINES = {"fp32": "fast", "int8": "fast-int8"}
+
+
+def _add_precision_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--precision",
+        choices=tuple(PRECISION_PIPELINES),
+        help="int8: dynamic-range int8 dense layers (pipeline fast-int8; x86 AVX-512 VNNI); "
+        "fp32: pipeline fast. Replaces --pipeline",
+    )
+
+
+def _pipelines(args: argparse.Namespace) -> list[str]:
+    """``--pipeline`` as a list, or the pipeline ``--precision`` names (not both)."""
+    named = [p for p in args.pipeline.split(",") if p]
+    if getattr(args, "precision", None) is None:
+        return named
+    if named != [DEFAULT_PIPELINE]:
+        raise CanaoError(
+            f"--precision {args.precision} picks the pipeline itself "
+            f"({PRECISION_PIPELINES[args.precision]}); drop --pipeline {args.pipeline}"
+        )
+    return [PRECISION_PIPELINES[args.precision]]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="canao",
@@ -73,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument(
         "--pipeline", default=DEFAULT_PIPELINE, help="build pipeline (default: fast; `canao list`)"
     )
+    _add_precision_arg(comp)
     comp.add_argument("-o", "--output", required=True, type=Path, help="artifact folder")
     comp.set_defaults(run=_cmd_compile)
 
@@ -83,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_PIPELINE,
         help="pipeline(s), comma-separated, e.g. fast,default-fused (default: fast)",
     )
+    _add_precision_arg(bench)
     bench.add_argument("--threads", type=_int_list, help="thread counts, e.g. 1,2 (default: all)")
     bench.add_argument("--repeats", type=int, default=20, help="timed repeats (default 20)")
     bench.add_argument("--warmup", type=int, default=3, help="untimed warm-up runs (default 3)")
@@ -106,9 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--seq", type=int, default=128, help="sequence length (default 128)")
     cmp_.add_argument("--batch", type=int, default=1)
     cmp_.add_argument("--pipeline", default=DEFAULT_PIPELINE, help="canao pipeline(s), e.g. fast")
+    _add_precision_arg(cmp_)
     cmp_.add_argument(
         "--systems",
-        default="torch-eager,onnxruntime,litert-fp32,litert-int8",
+        default="torch-eager,onnxruntime,onnxruntime-int8,litert-fp32,litert-int8",
         help="baselines to run (comma-separated)",
     )
     cmp_.add_argument("--repeats", type=int, default=20)
@@ -399,10 +427,11 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from canao import workflow
 
     rpc = _rpc_address(args)
+    (pipeline,) = _pipelines(args) if args.precision else (args.pipeline,)
     compiled = workflow.compile_and_verify(
         args.model,
         args.target,
-        args.pipeline,
+        pipeline,
         args.batch,
         args.seq,
         args.head,
@@ -413,7 +442,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     numerics = compiled.numerics or {}
     kernels = compiled.kernels.summary()
     print(
-        f"compiled {compiled.model.name} for {args.target} ({args.pipeline}) "
+        f"compiled {compiled.model.name} for {args.target} ({pipeline}) "
         f"in {compiled.build_seconds:.1f} s -> {folder}"
     )
     print("kernels: " + ", ".join(f"{k}={v}" for k, v in kernels.items()))
@@ -422,6 +451,11 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             f"numerics vs PyTorch ({numerics['device']}): max abs diff "
             f"{numerics['max_abs_diff']:.2e} <= {numerics['tolerance']:.2e}"
         )
+        if "fp32_max_abs_diff" in numerics:
+            print(
+                f"  (against {numerics['reference']}; the fp32 model is "
+                f"{numerics['fp32_max_abs_diff']:.2e} away: the quantization error)"
+            )
     else:
         print(f"numerics: {numerics.get('reason', 'not checked')}")
     return 0
@@ -435,7 +469,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     rpc = _rpc_address(args)
     protocol = Protocol(warmup=args.warmup, repeats=args.repeats)
     cache = None if args.no_cache else LatencyCache(args.cache)
-    pipelines = [p for p in args.pipeline.split(",") if p]
+    pipelines = _pipelines(args)
     with tempfile.TemporaryDirectory(prefix="canao-bench-") as tmp:
         table = workflow.bench(
             args.model,
@@ -475,7 +509,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             args.threads,
             args.seq,
             args.batch,
-            pipelines=[p for p in args.pipeline.split(",") if p],
+            pipelines=_pipelines(args),
             systems=[s for s in args.systems.split(",") if s],
             protocol=Protocol(warmup=args.warmup, repeats=args.repeats),
             workdir=Path(tmp),

@@ -151,3 +151,20 @@ def test_a_wrong_int8_kernel_fails_the_check(
     compiled = compile_model(model, "x86", "fast-int8", InputSpec(1, 24))
     with pytest.raises(NumericsMismatchError, match="exceeds tolerance"):
         verify_locally(compiled)
+
+
+def test_compile_with_precision_int8_reports_both_distances(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from canao.cli import main
+
+    model = write_config(tmp_path)
+    out = tmp_path / "built"
+    args = ["compile", str(model), "--seq", "16", "--precision", "int8", "-o", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "(fast-int8)" in printed and "the quantization error" in printed
+    assert (out / "manifest.json").is_file()
+    bad = ["compile", str(model), "--precision", "int8", "--pipeline", "default", "-o", str(out)]
+    assert main(bad) == 2
+    assert "drop --pipeline default" in capsys.readouterr().err

@@ -229,26 +229,33 @@ def quantize_primfunc(m: int, k: int) -> object:
     return sch.mod["main"].with_attrs({"op_pattern": 8, "tirx.is_scheduled": True})
 
 
-def dense_int8_primfunc(m: int, kp: int, n: int, epilogue: str, tiling: Int8Tiling) -> object:
-    """``y[M, N]`` from ``qa, sa, za`` and the packed ``Wq``, column sums, scales (+ bias)."""
+def dense_int8_primfunc(
+    m: int, kp: int, n: int, epilogue: str, tiling: Int8Tiling, k_wrap: int | None = None
+) -> object:
+    """``y[M, N]`` from ``qa, sa, za`` and the packed ``Wq``, column sums, scales (+ bias).
+
+    ``k_wrap`` (benchmarks only): operands hold ``k_wrap`` of the ``kp`` reduction steps and
+    are read modulo it, so a long reduction runs from L1: the micro-kernel's peak.
+    """
     from tvm import s_tir, te
 
     if epilogue not in EPILOGUES:
         raise ValueError(f"unknown epilogue {epilogue!r}; expected one of {EPILOGUES}")
     if kp % GROUP or n % tiling.nb:
         raise ValueError(f"K={kp} must be a multiple of {GROUP}, N={n} of {tiling.nb}")
-    qa = te.placeholder((m, kp), "uint8", name="qa")
+    held = k_wrap or kp
+    qa = te.placeholder((m, held), "uint8", name="qa")
     sa = te.placeholder((m,), "float32", name="sa")
     za = te.placeholder((m,), "float32", name="za")
-    wq = te.placeholder((n // LANES, kp // GROUP, LANES, GROUP), "int8", name="Wq")
+    wq = te.placeholder((n // LANES, held // GROUP, LANES, GROUP), "int8", name="Wq")
     cs = te.placeholder((n,), "int32", name="colsum")
     sw = te.placeholder((n,), "float32", name="sw")
     r = te.reduce_axis((0, kp), name="k")
     acc = te.compute(
         (m, n),
         lambda i, j: te.sum(
-            qa[i, r].astype("int32")
-            * wq[j // LANES, r // GROUP, j % LANES, r % GROUP].astype("int32"),
+            qa[i, r % held].astype("int32")
+            * wq[j // LANES, (r // GROUP) % (held // GROUP), j % LANES, r % GROUP].astype("int32"),
             axis=r,
         ),
         name="gemm",

@@ -1,0 +1,211 @@
+"""canao int8 against the int8 runtimes people ship: LiteRT (XNNPACK) and ONNX Runtime.
+
+Per thread count, one child process (TVM fixes its thread pool per process) builds and
+checks canao's ``fast`` (fp32) and ``fast-int8`` builds, opens LiteRT dynamic-range int8 and
+ONNX Runtime dynamic int8, and times all four interleaved in blocks (``time_interleaved``)
+on the same inputs, for each model and sequence length. At 1 thread it also measures the
+machine's int8 peak with canao's own VNNI micro-kernel (a reduction run from L1) and each
+int8 dense kernel of the build against it.
+
+    python benchmarks/int8.py [--models minilm,bert-base] [--seqs 64,128] [--threads 1,2]
+
+Prints the tables; writes benchmarks/results/int8.{csv,md} and int8_kernels.{csv,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+SYSTEMS = ("canao-fast", "canao-fast-int8", "litert-int8", "onnxruntime-int8")
+
+
+def time_call(fn: object, seconds: float = 0.3) -> float:
+    """Median seconds of ``fn()`` over repeats filling about ``seconds`` (after a warm-up)."""
+    for _ in range(3):
+        fn()  # type: ignore[operator]
+    started, times = time.perf_counter(), []
+    while time.perf_counter() - started < seconds or len(times) < 10:
+        t = time.perf_counter()
+        fn()  # type: ignore[operator]
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def int8_peak_gops() -> float:
+    """canao's VNNI micro-kernel on L1-resident operands (4 x 64 tile, long reduction)."""
+    import tvm
+
+    from canao.compiler.schedules.dense_int8 import Int8Tiling, dense_int8_primfunc
+    from canao.compiler.targets import get_target
+
+    tiling = Int8Tiling()
+    m, kp, n, held = tiling.mr, 1 << 16, tiling.nb, 256
+    func = dense_int8_primfunc(m, kp, n, "none", tiling, k_wrap=held)
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=get_target("x86").tvm_target())
+    dev = tvm.cpu()
+    args = [
+        tvm.runtime.tensor(np.ones((m, held), np.uint8), dev),
+        tvm.runtime.tensor(np.ones(m, np.float32), dev),
+        tvm.runtime.tensor(np.zeros(m, np.float32), dev),
+        tvm.runtime.tensor(np.ones((n // 16, held // 4, 16, 4), np.int8), dev),
+        tvm.runtime.tensor(np.zeros(n, np.int32), dev),
+        tvm.runtime.tensor(np.ones(n, np.float32), dev),
+        tvm.runtime.empty((m, n), "float32", dev),
+    ]
+    seconds = time_call(lambda: lib["main"](*args))
+    return 2 * m * kp * n / seconds / 1e9
+
+
+def kernel_rows(compiled: object, peak: float, model: str, seq: int) -> list[dict[str, object]]:
+    """Each int8 dense kernel of a build, timed alone at its shape, as a fraction of peak."""
+    import tvm
+
+    from canao.compiler.schedules.dense_int8 import Int8Tiling, dense_int8_primfunc
+    from canao.compiler.targets import get_target
+
+    rows = []
+    target = get_target("x86").tvm_target()
+    for gvar in compiled.lowered.functions:  # type: ignore[attr-defined]
+        name = gvar.name_hint
+        if not name.startswith("canao_dense_int8_"):
+            continue
+        epilogue, shape = name.removeprefix("canao_dense_int8_").rsplit("_", 1)
+        m, kp, n = (int(v) for v in shape.split("x"))
+        lib = tvm.compile(
+            tvm.IRModule({"main": dense_int8_primfunc(m, kp, n, epilogue, Int8Tiling())}),
+            target=target,
+        )
+        dev, rng = tvm.cpu(), np.random.default_rng(0)
+        args = [
+            tvm.runtime.tensor(rng.integers(0, 255, (m, kp), dtype=np.uint8), dev),
+            tvm.runtime.tensor(np.full(m, 0.01, np.float32), dev),
+            tvm.runtime.tensor(np.full(m, 128, np.float32), dev),
+            tvm.runtime.tensor(
+                rng.integers(-127, 127, (n // 16, kp // 4, 16, 4), dtype=np.int8), dev
+            ),
+            tvm.runtime.tensor(np.zeros(n, np.int32), dev),
+            tvm.runtime.tensor(np.full(n, 0.01, np.float32), dev),
+        ]
+        if epilogue != "none":
+            args.append(tvm.runtime.tensor(np.zeros(n, np.float32), dev))
+        args.append(tvm.runtime.empty((m, n), "float32", dev))
+        seconds = time_call(lambda lib=lib, args=args: lib["main"](*args))
+        gops = 2 * m * kp * n / seconds / 1e9
+        rows.append(
+            {
+                "model": model,
+                "seq": seq,
+                "kernel": name,
+                "us": round(seconds * 1e6, 1),
+                "gops": round(gops, 1),
+                "fraction_of_peak": round(gops / peak, 3),
+            }
+        )
+    return rows
+
+
+def child(models: list[str], seqs: list[int], threads: int, repeats: int, out: Path) -> None:
+    from canao.compiler.build import compile_model
+    from canao.compiler.importer import INPUT_NAMES, InputSpec, example_inputs, torch_reference
+    from canao.compiler.models import load_model
+    from canao.compiler.verify import verify_locally
+    from canao.latency.baselines import check_numerics, make_runner
+    from canao.latency.protocol import Protocol, summarize, time_interleaved
+    from canao.latency.runner import local_runner
+
+    rows, kernels = [], []
+    peak = int8_peak_gops() if threads == 1 else None
+    for model_name in models:
+        model = load_model(model_name)
+        for seq in seqs:
+            inputs = example_inputs(model.config.vocab_size, 1, seq)
+            reference = torch_reference(model.module, inputs)
+            calls, diffs = {}, {}
+            for pipeline in ("fast", "fast-int8"):
+                compiled = compile_model(model, "x86", pipeline, InputSpec(1, seq))
+                numerics = verify_locally(compiled)
+                runner = local_runner(compiled.executable)
+                calls[f"canao-{pipeline}"] = runner.bind(inputs, INPUT_NAMES)
+                diffs[f"canao-{pipeline}"] = numerics.get(
+                    "fp32_max_abs_diff", numerics["max_abs_diff"]
+                )
+                if pipeline == "fast-int8" and peak is not None:
+                    kernels += kernel_rows(compiled, peak, model_name, seq)
+            for system in ("litert-int8", "onnxruntime-int8"):
+                baseline = make_runner(system, model, batch=1, seq=seq, threads=threads)
+                diffs[system], _ = check_numerics(baseline, inputs, reference)
+                calls[system] = baseline.bind(inputs)
+            seconds = time_interleaved(calls, Protocol(warmup=3, repeats=repeats))
+            for system, values in seconds.items():
+                stats = summarize(values)
+                rows.append(
+                    {
+                        "model": model_name,
+                        "seq": seq,
+                        "threads": threads,
+                        "system": system,
+                        "median_ms": stats.median_ms,
+                        "iqr_ms": stats.iqr_ms,
+                        "max_abs_diff_vs_fp32": diffs[system],
+                    }
+                )
+            print(f"done {model_name} seq {seq} threads {threads}", flush=True)
+    out.write_text(json.dumps({"rows": rows, "kernels": kernels, "peak_gops": peak}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="minilm,bert-base")
+    parser.add_argument("--seqs", default="64,128")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    models, seqs = args.models.split(","), [int(s) for s in args.seqs.split(",")]
+    if args.child is not None:
+        child(models, seqs, int(os.environ["TVM_NUM_THREADS"]), args.repeats, args.child)
+        return
+    from _results import header, publish
+
+    rows, kernels, peak = [], [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        for threads in (int(t) for t in args.threads.split(",")):
+            out = Path(tmp) / f"t{threads}.json"
+            command = [sys.executable, __file__, "--child", str(out), "--models", args.models]
+            command += ["--seqs", args.seqs, "--repeats", str(args.repeats)]
+            env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
+            subprocess.run(command, env=env, check=True)
+            result = json.loads(out.read_text())
+            rows += result["rows"]
+            kernels += result["kernels"]
+            peak = result["peak_gops"] or peak
+    table = pd.DataFrame(rows)
+    wide = table.pivot_table(
+        index=["model", "seq", "threads"], columns="system", values="median_ms"
+    ).reset_index()
+    wide["int8_vs_litert_int8"] = wide["litert-int8"] / wide["canao-fast-int8"]
+    wide["int8_vs_canao_fp32"] = wide["canao-fast"] / wide["canao-fast-int8"]
+    columns = ["model", "seq", "threads", *SYSTEMS, "int8_vs_litert_int8", "int8_vs_canao_fp32"]
+    detail = f"batch 1; medians of {args.repeats} repeats, interleaved per cell; ms"
+    publish(table, wide[columns].round(2), "int8", f"int8 side by side. {header(detail)}")
+    if kernels:
+        frame = pd.DataFrame(kernels)
+        title = (
+            f"int8 dense kernels at 1 thread against the measured VNNI peak ({peak:.0f} GOPS, "
+            f"canao's micro-kernel on L1-resident operands). {header('1 thread')}"
+        )
+        publish(frame, frame, "int8_kernels", title)
+
+
+if __name__ == "__main__":
+    main()
