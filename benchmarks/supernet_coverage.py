@@ -14,7 +14,9 @@ Recipes (``--recipes``, comma-separated):
 - ``hidden``: spaced layers + hidden-state and embedding distillation + progressive
   shrinking (width first), learning rate 3e-5;
 - ``hidden-lr``: as ``hidden`` with learning rate 1e-4;
-- ``depth-heads``: as ``hidden-lr`` with a pooler and classifier per depth (canao's default now).
+- ``depth-heads``: as ``hidden-lr`` with a pooler and classifier per depth;
+- ``kept-map``: as ``hidden-lr``, each kept layer matched to the teacher's layer at its own
+  position instead of TinyBERT's uniform block mapping; ``kept-map-heads``: and depth heads.
 
     python benchmarks/supernet_coverage.py [--task movie-reviews] [--steps 200] [--archs 16]
 
@@ -45,8 +47,20 @@ RECIPES: dict[str, dict[str, object]] = {
     "hidden": {"hidden_weight": 1.0, "width_first": 0.3, "learning_rate": 3e-5},
     "hidden-lr": {"hidden_weight": 1.0, "width_first": 0.3, "learning_rate": 1e-4},
     "depth-heads": {"hidden_weight": 1.0, "width_first": 0.3, "learning_rate": 1e-4},
+    "kept-map": {
+        "hidden_weight": 1.0,
+        "width_first": 0.3,
+        "learning_rate": 1e-4,
+        "layer_mapping": "kept",
+    },
+    "kept-map-heads": {
+        "hidden_weight": 1.0,
+        "width_first": 0.3,
+        "learning_rate": 1e-4,
+        "layer_mapping": "kept",
+    },
 }
-DEPTH_HEADS = {"depth-heads"}
+DEPTH_HEADS = {"depth-heads", "kept-map-heads"}
 DEPTH_RULE = {"logits": "first"}
 
 

@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from canao.compiler.pipelines import DEFAULT_PIPELINE
+from canao.compiler.pipelines import DEFAULT_PIPELINE, PRECISIONS
 from canao.errors import CanaoError
 
 EPILOG = (
@@ -59,15 +59,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-PRECISION_PIPELINES = {"fp32": "fast", "int8": "fast-int8"}
-
-
 def _add_precision_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision",
-        choices=tuple(PRECISION_PIPELINES),
-        help="int8: dynamic-range int8 dense layers (pipeline fast-int8; x86 AVX-512 VNNI); "
-        "fp32: pipeline fast. Replaces --pipeline",
+        choices=tuple(PRECISIONS),
+        help="int8: dynamic-range int8 dense layers (pipeline fast-int8; x86 AVX-512 VNNI), "
+        "timed and scored as int8; fp32: pipeline fast (the default). Replaces --pipeline",
     )
 
 
@@ -79,9 +76,9 @@ def _pipelines(args: argparse.Namespace) -> list[str]:
     if named != [DEFAULT_PIPELINE]:
         raise CanaoError(
             f"--precision {args.precision} picks the pipeline itself "
-            f"({PRECISION_PIPELINES[args.precision]}); drop --pipeline {args.pipeline}"
+            f"({PRECISIONS[args.precision]}); drop --pipeline {args.pipeline}"
         )
-    return [PRECISION_PIPELINES[args.precision]]
+    return [PRECISIONS[args.precision]]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,6 +221,7 @@ def _add_search_parser(commands: argparse._SubParsersAction) -> None:
     search.add_argument("--no-export", action="store_true", help="do not export the winner")
     search.add_argument("--rpc", metavar="HOST:PORT", help="remote device: RPC server or tracker")
     search.add_argument("--key", help="device key at the RPC tracker named by --rpc")
+    _add_precision_arg(search)
     search.set_defaults(run=_cmd_search)
 
 
@@ -303,6 +301,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         ),
         retrain=RetrainConfig(steps=args.retrain_steps, seed=args.seed),
         retrain_top=args.retrain_top,
+        precision=args.precision or "fp32",
         dev_limit=args.dev_limit,
         predictor_skip=args.predictor_skip,
         rpc=_rpc_address(args),
@@ -317,6 +316,7 @@ def _add_prune_parser(commands: argparse._SubParsersAction) -> None:
         "prune",
         help="prune a fine-tuned teacher (oBERT, AE-BERT, magnitude), then compile and time it",
     )
+    _add_precision_arg(prune)
     prune.add_argument("--method", default="obert", help="obert (default), aebert, magnitude")
     prune.add_argument("--ratio", type=float, default=0.5, help="fraction removed (default 0.5)")
     prune.add_argument(
@@ -363,6 +363,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         seq=args.seq,
         threads=args.threads,
         measure=not args.no_measure,
+        precision=args.precision or "fp32",
     )
     run_prune(job)
     return 0

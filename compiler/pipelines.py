@@ -202,6 +202,17 @@ PIPELINES: dict[str, PipelineFactory] = {
     "fast-int8": _canao_fast_int8,
 }
 INT8_PIPELINES = frozenset({"fast-int8"})
+# ``--precision`` -> the pipeline that builds it (search, prune, compile, bench, compare).
+PRECISIONS = {"fp32": "fast", "int8": "fast-int8"}
+
+
+def precision_pipeline(precision: str) -> str:
+    try:
+        return PRECISIONS[precision]
+    except KeyError:
+        raise UnknownPipelineError(
+            f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}"
+        ) from None
 
 
 def register_pipeline(name: str, factory: PipelineFactory) -> None:

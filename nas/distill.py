@@ -61,7 +61,10 @@ class SupernetConfig:
     width_first: float = 0.3
     # A pooler and classifier per depth (supernet.add_depth_heads): shallow sub-networks read
     # their own layers' output instead of sharing the full depth's read-out.
-    depth_heads: bool = True
+    depth_heads: bool = False
+    # Which teacher layer a kept layer's output is pulled towards: "uniform" (TinyBERT: the
+    # end of its block, the last layer to the teacher's last) or "kept" (its own position).
+    layer_mapping: str = "uniform"
     importance_batches: int = 8
     max_length: int = 64
     dropout: float = 0.1
@@ -152,6 +155,7 @@ def hidden_state_loss(
     teacher: tuple[torch.Tensor, ...],
     arch: ArchConfig,
     attention_mask: torch.Tensor,
+    mapping: str = "uniform",
 ) -> torch.Tensor:
     """Mean squared distance of the student's hidden states to the teacher's, at real tokens.
 
@@ -163,7 +167,13 @@ def hidden_state_loss(
     read. Its ``d`` channels match the teacher's first ``d`` (channels are importance-ordered).
     """
     d, depth, layers = arch.hidden_size, len(teacher) - 1, arch.num_layers
-    targets = [teacher[0], *(teacher[(i + 1) * depth // layers] for i in range(layers))]
+    if mapping == "kept":
+        # Each kept layer matches the teacher's output at its own position: a shared layer is
+        # asked for one thing by every sub-network (no shallow/deep conflict); the read-out
+        # and the logits' loss bridge the gap to the final layer.
+        targets = [teacher[0], *(teacher[j + 1] for j in arch.kept_layers)]
+    else:
+        targets = [teacher[0], *(teacher[(i + 1) * depth // layers] for i in range(layers))]
     weight = attention_mask[..., None].to(student[0].dtype)
     tokens = weight.sum() * d
     total = sum(
@@ -273,7 +283,9 @@ def _sandwich(
             loss = distillation_loss(logits, target, config.temperature)
             losses.append(loss.item())  # the logits' part: what the bar's KL is made from
             if config.hidden_weight > 0:
-                hidden = hidden_state_loss(states, teacher_states, arch, inputs["attention_mask"])
+                hidden = hidden_state_loss(
+                    states, teacher_states, arch, inputs["attention_mask"], config.layer_mapping
+                )
                 loss = loss + config.hidden_weight * hidden
             loss.backward()
         optimizer.step()

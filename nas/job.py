@@ -21,6 +21,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from canao.compiler.pipelines import precision_pipeline
+from canao.compiler.quantized import quantized_reference
 from canao.latency.cache import LatencyCache
 from canao.latency.protocol import Protocol
 from canao.latency.rpc import RPCAddress
@@ -76,11 +78,18 @@ class SearchJob:
     # Retrain the winner and the next most accurate Pareto points within the target, k in all;
     # the best after retraining is exported (cut-out accuracy is a shared-weight estimate).
     retrain_top: int = 1
+    # "int8": candidates timed as fast-int8 builds and scored quantized (the same scheme in
+    # PyTorch), the winner exported int8: the search optimises what ships.
+    precision: str = "fp32"
     dev_limit: int | None = None
     predictor_skip: float | None = None
     rpc: RPCAddress | None = None
     export_winner: bool = True
     progress: bool = True
+
+    @property
+    def pipeline(self) -> str:
+        return precision_pipeline(self.precision)
 
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{(self.out / 'study.db').resolve()}"
@@ -101,6 +110,7 @@ class SupernetEvaluator:
     metric_names: tuple[str, ...] = ("accuracy",)
     majority: dict[str, float] = field(default_factory=dict)
     train: Split | None = None  # what the winner is retrained on
+    int8: bool = False  # score each model quantized as the int8 build computes it
 
     def accuracy(self, arch: ArchConfig) -> float:
         return self.metrics(arch)["accuracy"]
@@ -108,6 +118,7 @@ class SupernetEvaluator:
     def metrics(self, arch: ArchConfig) -> dict[str, float]:
         """Cached per (super-network, dev split, metrics, architecture): controllers revisit."""
         key = f"{self._dev_key()}|{self.max_length}|{','.join(self.metric_names)}|{arch.key}"
+        key += "|int8" if self.int8 else ""
         with self._store() as db:
             hit = db.execute("SELECT metrics FROM metrics WHERE key = ?", (key,)).fetchone()
         if hit is not None:
@@ -119,6 +130,8 @@ class SupernetEvaluator:
 
     def score_model(self, model: torch.nn.Module) -> dict[str, float]:
         """The task's metrics of any classifier over this evaluator's dev split."""
+        if self.int8:
+            model = quantized_reference(model)
         predicted = predict_labels(model, self.supernet.tokenizer, self.dev, self.max_length)
         classes = int(self.supernet.model.config.num_labels)
         return compute(self.metric_names, predicted, self.dev.labels, classes)
@@ -180,6 +193,7 @@ def prepare(job: SearchJob, log: Log) -> SupernetEvaluator:
     evaluator = LatencyEvaluator(
         base,
         target=job.target,
+        pipeline=job.pipeline,
         seq=job.seq,
         threads=job.threads,
         protocol=Protocol(warmup=3, repeats=15),
@@ -198,6 +212,7 @@ def prepare(job: SearchJob, log: Log) -> SupernetEvaluator:
         metric_names=names,
         majority=majority,
         train=data["train"],
+        int8=job.precision == "int8",
     )
 
 
@@ -254,7 +269,7 @@ def check_job(job: SearchJob) -> None:
         latency_ms=1.0 if job.latency_ms is None else job.latency_ms,
     )
     check_controller(job.controller, multi_objective=job.objective == "pareto")
-    preflight(job.target, ["fast"], job.rpc, 20.0)
+    preflight(job.target, [job.pipeline], job.rpc, 20.0)
     if job.rpc is None:
         _require_local_device(job.target)
     data = load_task(job.task)
@@ -571,7 +586,7 @@ def export_winner(
             summary["retrain"] = retrained  # into summary.json and the winner's report
     model.save_pretrained(folder / "model")
     evaluator.supernet.tokenizer.save_pretrained(folder / "model")
-    compiled = compile_model(load_model(model), job.target, "fast", InputSpec(1, job.seq))
+    compiled = compile_model(load_model(model), job.target, job.pipeline, InputSpec(1, job.seq))
     if job.rpc is None and can_run_locally(compiled):
         verify_locally(compiled)  # the shipped weights, checked against PyTorch
     export_artifact(compiled, folder / "compiled")

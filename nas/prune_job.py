@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from canao.compiler.pipelines import precision_pipeline
+from canao.compiler.quantized import quantized_reference
 from canao.nas.distill import load_teacher
 from canao.nas.finetune import FinetuneConfig, finetune, predict_labels
 from canao.nas.metrics import compute, describe, majority_scores, metric_names
@@ -40,6 +42,7 @@ class PruneJob:
     teacher_examples: int | None = None
     teacher_epochs: int | None = None  # None: 1 for large tasks, 3 below 10k examples
     measure: bool = True
+    precision: str = "fp32"  # "int8": timed as fast-int8 builds, scored quantized too
 
 
 def teacher_for(job: PruneJob, log: Log) -> Path:
@@ -94,8 +97,12 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, object]:
         "majority_class": majority_scores(names, data["train"].labels, data["dev"].labels, classes),
         "teacher": {**score(teacher), **size_report(teacher, None)},
         "pruned": {**score(result.model), **size_report(result.model, result)},
+        "precision": job.precision,
         "log": result.log,
     }
+    if job.precision == "int8":  # what the int8 build computes, scored on dev
+        report["teacher_int8"] = score(quantized_reference(teacher))
+        report["pruned_int8"] = score(quantized_reference(result.model))
     if job.measure:
         report["latency"] = compile_and_time({"teacher": teacher, "pruned": result.model}, job)
     (job.out / "report.json").write_text(json.dumps(report, indent=2, default=str))
@@ -119,13 +126,14 @@ def size_report(model: torch.nn.Module, result: PruneResult | None) -> dict[str,
 
 
 def compile_and_time(models: dict[str, torch.nn.Module], job: PruneJob) -> dict[str, object]:
-    """Each model compiled with the ``fast`` pipeline, checked vs PyTorch, timed interleaved."""
+    """Each model compiled (``fast``, or ``fast-int8`` for int8), checked, timed interleaved."""
     from canao.latency.protocol import Protocol, summarize, time_interleaved
     from canao.workflow import checked_inference
 
     calls, numerics = {}, {}
+    pipeline = precision_pipeline(job.precision)
     for name, module in models.items():
-        calls[name], numerics[name] = checked_inference(module.eval(), job.seq)
+        calls[name], numerics[name] = checked_inference(module.eval(), job.seq, pipeline=pipeline)
     seconds = time_interleaved(calls, Protocol(warmup=3, repeats=20))
     table = {name: summarize(values).median_ms for name, values in seconds.items()}
     return {
@@ -134,6 +142,7 @@ def compile_and_time(models: dict[str, torch.nn.Module], job: PruneJob) -> dict[
         "max_abs_diff_vs_pytorch": numerics,
         "threads": job.threads,
         "seq": job.seq,
+        "pipeline": pipeline,
     }
 
 
