@@ -43,6 +43,8 @@ from canao.nas.supernet import (
 )
 from canao.nas.tasks import Split
 
+LAYER_MAPPINGS = ("uniform", "kept")  # see hidden_state_loss
+
 
 @dataclass(frozen=True)
 class SupernetConfig:
@@ -77,6 +79,11 @@ class SupernetConfig:
         if self.importance not in IMPORTANCE:
             raise ValueError(
                 f"unknown importance {self.importance!r}; choose one of {', '.join(IMPORTANCE)}"
+            )
+        if self.layer_mapping not in LAYER_MAPPINGS:
+            raise ValueError(
+                f"unknown layer mapping {self.layer_mapping!r}; "
+                f"choose one of {', '.join(LAYER_MAPPINGS)}"
             )
 
     def cache_fields(self) -> dict[str, object]:

@@ -168,25 +168,14 @@ def test_an_exported_search_winner_predicts_like_its_pytorch_model(tmp_path: Pat
     """The whole path a user takes: search exports the winner, canao.load runs it."""
     import pandas as pd
 
-    from canao.nas.distill import SupernetConfig, train_supernet
     from canao.nas.job import SearchJob, SupernetEvaluator, export_winner
     from canao.nas.retrain import RetrainConfig
     from canao.nas.supernet import extract
-    from canao.nas.tasks import Split
+    from tests.tiny_teacher import toy_supernet
 
-    tokenizer = BertTokenizerFast.from_pretrained(str(minilm_path()), local_files_only=True)
-    config = classifier_config(tokenizer, ("bad", "good"), hidden=64, layers=2, heads=4)
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(tmp_path / "teacher")
-    tokenizer.save_pretrained(tmp_path / "teacher")
-    texts = tuple((f"a {'good' if i % 2 else 'bad'} film number {i}",) for i in range(32))
-    train = Split(texts, tuple(i % 2 for i in range(32)), ("bad", "good"))
-    supernet = train_supernet(
-        tmp_path / "teacher",
-        train,
-        "toy",
-        config=SupernetConfig(steps=1, batch_size=8, importance_batches=1),
-    )
+    supernet, train = toy_supernet(tmp_path)
+    texts = train.texts
+    tokenizer = supernet.tokenizer
     arch = supernet.space.smallest()
     evaluator = SupernetEvaluator(
         supernet,

@@ -173,27 +173,13 @@ def test_compile_with_precision_int8_reports_both_distances(
 def test_an_int8_search_scores_candidates_quantized(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from transformers import BertForSequenceClassification, BertTokenizerFast
-
-    from canao.compiler.models import minilm_path
     from canao.nas import job as job_module
-    from canao.nas.distill import SupernetConfig, train_supernet
     from canao.nas.job import SearchJob, SupernetEvaluator
-    from canao.nas.tasks import Split
-    from tests.test_deploy import classifier_config
+    from tests.tiny_teacher import toy_supernet
 
     assert SearchJob(precision="int8").pipeline == "fast-int8"
     assert SearchJob().pipeline == "fast"
-    tokenizer = BertTokenizerFast.from_pretrained(str(minilm_path()), local_files_only=True)
-    config = classifier_config(tokenizer, ("bad", "good"), hidden=64, layers=2, heads=4)
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(tmp_path / "teacher")
-    tokenizer.save_pretrained(tmp_path / "teacher")
-    texts = tuple((f"a {'good' if i % 2 else 'bad'} film number {i}",) for i in range(16))
-    train = Split(texts, tuple(i % 2 for i in range(16)), ("bad", "good"))
-    supernet = train_supernet(
-        tmp_path / "teacher", train, "toy", config=SupernetConfig(steps=1, batch_size=8)
-    )
+    supernet, train = toy_supernet(tmp_path, examples=16)
     quantized: list[object] = []
     real = job_module.quantized_reference
     monkeypatch.setattr(job_module, "quantized_reference", lambda m: quantized.append(m) or real(m))

@@ -5,16 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-import torch
-from transformers import BertForSequenceClassification, BertTokenizerFast
 
-from canao.compiler.models import minilm_path
-from canao.nas.distill import SupernetConfig, train_supernet
 from canao.nas.job import SearchJob, SupernetEvaluator, retrain_candidates, retrain_front
 from canao.nas.retrain import RetrainConfig
 from canao.nas.search import SearchSettings
 from canao.nas.tasks import Split
-from tests.test_deploy import classifier_config
+from tests.tiny_teacher import toy_supernet
 
 
 def front(rows: list[tuple[str, float, float]]) -> pd.DataFrame:
@@ -32,16 +28,7 @@ def test_candidates_are_the_winner_then_the_most_accurate_within_the_target() ->
 
 
 def test_retraining_the_front_exports_the_best_after_retraining(tmp_path: Path) -> None:
-    tokenizer = BertTokenizerFast.from_pretrained(str(minilm_path()), local_files_only=True)
-    config = classifier_config(tokenizer, ("bad", "good"), hidden=64, layers=2, heads=4)
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(tmp_path / "teacher")
-    tokenizer.save_pretrained(tmp_path / "teacher")
-    texts = tuple((f"a {'good' if i % 2 else 'bad'} film number {i}",) for i in range(32))
-    train = Split(texts, tuple(i % 2 for i in range(32)), ("bad", "good"))
-    supernet = train_supernet(
-        tmp_path / "teacher", train, "toy", config=SupernetConfig(steps=1, batch_size=8)
-    )
+    supernet, train = toy_supernet(tmp_path)
     space = supernet.space
     small, large = space.smallest(), space.largest()
     points = front([(small.key, 1.0, 0.5), (large.key, 2.0, 0.6)])

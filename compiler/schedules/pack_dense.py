@@ -74,14 +74,11 @@ class _Rewriter:
         return self.kernels[key]
 
     def kernel(self, m: int, k: int, n: int, epilogue: str) -> Any:
-        key = (m, k, n, epilogue)
-        if key not in self.kernels:
-            name = f"canao_dense_{epilogue}{'_poly' if self.approximate else ''}_{m}x{k}x{n}"
-            # TE names every function "main"; a module needs distinct symbols.
-            func = dense_primfunc(m, k, n, epilogue, self.tiling, self.approximate)
-            func = func.with_attr("global_symbol", name)
-            self.kernels[key] = self.builder.add_func(func, name)
-        return self.kernels[key]
+        return self.add(
+            (m, k, n, epilogue),
+            f"canao_dense_{epilogue}{'_poly' if self.approximate else ''}_{m}x{k}x{n}",
+            lambda: dense_primfunc(m, k, n, epilogue, self.tiling, self.approximate),
+        )
 
     def rewrite(self, expr: Any, matches: dict[Any, Any], epilogue: str) -> Any:
         from tvm import relax
