@@ -171,6 +171,13 @@ def _add_search_parser(commands: argparse._SubParsersAction) -> None:
     )
     search.add_argument("--trials", type=int, default=20, help="trials in the study (default 20)")
     search.add_argument(
+        "--budget-minutes",
+        type=float,
+        metavar="M",
+        help="stop starting trials after M minutes of searching (teacher and super-network "
+        "training not counted); whichever of --trials and this comes first ends the search",
+    )
+    search.add_argument(
         "--objective",
         choices=("soft", "hard", "pareto"),
         default="soft",
@@ -285,6 +292,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         latency_ms=args.latency_ms,
         controller=args.controller,
         trials=args.trials,
+        budget_minutes=args.budget_minutes,
         objective=args.objective,
         weight=args.weight,
         storage=args.storage,

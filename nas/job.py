@@ -47,6 +47,7 @@ from canao.nas.search import (
     trials_frame,
 )
 from canao.nas.space import ArchConfig
+from canao.nas.storage import open_storage, redact
 from canao.nas.supernet import extract
 from canao.nas.tasks import Split, TaskLike, load_task, num_labels, task_name
 from canao.nas.teacher import resolve_teacher
@@ -62,6 +63,7 @@ class SearchJob:
     latency_ms: float | None = None  # None: half of the teacher's measured latency
     controller: str = "evolution"
     trials: int = 20
+    budget_minutes: float | None = None  # the trial loop's wall-clock limit, beside trials
     objective: str = "soft"
     weight: float = -0.07
     storage: str | None = None  # None: sqlite:///<out>/study.db
@@ -267,6 +269,7 @@ def check_job(job: SearchJob) -> None:
         trials=job.trials,
         objective=job.objective,
         latency_ms=1.0 if job.latency_ms is None else job.latency_ms,
+        budget_minutes=job.budget_minutes,
     )
     check_controller(job.controller, multi_objective=job.objective == "pareto")
     preflight(job.target, [job.pipeline], job.rpc, 20.0)
@@ -274,6 +277,8 @@ def check_job(job: SearchJob) -> None:
         _require_local_device(job.target)
     data = load_task(job.task)
     resolve_teacher(job.teacher, num_labels(data), data["train"].label_names)
+    if job.storage is not None:  # the default SQLite file is created in OUT with the outputs
+        open_storage(job.storage)
 
 
 def _require_local_device(target: str) -> None:
@@ -312,10 +317,11 @@ def run_job(job: SearchJob, log: Log = print) -> SearchOutcome:
         seed=job.seed,
         study_name=job.study_name,
         predictor_skip=job.predictor_skip,
+        budget_minutes=job.budget_minutes,
     )
     log(
         f"search: {job.controller}, {job.trials} trials, target {target:.2f} ms "
-        f"({job.objective}), storage {job.storage_url()}"
+        f"({job.objective}), storage {redact(job.storage_url())}"
     )
     started = time.perf_counter()
     study = run_search(
@@ -574,7 +580,6 @@ def export_winner(
     from canao.compiler.importer import InputSpec
     from canao.compiler.models import load_model
     from canao.compiler.verify import verify_locally
-    from canao.nas.supernet import extract
     from canao.workflow import can_run_locally
 
     arch = ArchConfig.from_key(str(winner["arch"]))

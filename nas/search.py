@@ -20,19 +20,19 @@ from __future__ import annotations
 import math
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Protocol
 
 import optuna
 import pandas as pd
 
 from canao.errors import CanaoError
-from canao.locks import file_lock
 from canao.nas.controllers import make_sampler
 from canao.nas.latency import LatencyPredictor, LatencyResult
 from canao.nas.space import ArchConfig, SearchSpace
+from canao.nas.storage import open_storage, redact
 
 OBJECTIVES = ("soft", "hard", "pareto")
 # Trials of a worker that died mid-evaluation: failed, but not counted against the budget.
@@ -64,6 +64,9 @@ class SearchSettings:
     # target, once the predictor has `predictor_min_points` measurements (None: never).
     predictor_skip: float | None = None
     predictor_min_points: int = 20
+    # Wall-clock minutes this worker spends in the trial loop (None: no limit). Checked
+    # before each new trial: one started in time runs to its end.
+    budget_minutes: float | None = None
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -74,6 +77,8 @@ class SearchSettings:
             raise SearchConfigError(f"latency target must be positive, got {self.latency_ms} ms")
         if self.trials < 1:
             raise SearchConfigError(f"trials must be >= 1, got {self.trials}")
+        if self.budget_minutes is not None and not self.budget_minutes > 0:
+            raise SearchConfigError(f"--budget-minutes must be positive, got {self.budget_minutes}")
 
 
 def reward(
@@ -111,29 +116,15 @@ def open_study(storage: str | None, space: SearchSpace, settings: SearchSettings
         study.set_user_attr("canao", _jsonable(identity))
     elif stored != _jsonable(identity):
         raise SearchConfigError(
-            f"study {settings.study_name!r} in {storage} was started with different settings "
+            f"study {settings.study_name!r} in {redact(storage or 'memory')} was started "
+            "with different settings "
             f"({stored}); use another --study-name or the same settings to resume"
         )
     return study
 
 
-def _storage(url: str | None) -> optuna.storages.BaseStorage | str | None:
-    """SQLite waits for a busy database instead of failing: several workers share one file.
-
-    Workers starting together on a new file race to create its schema (duplicate
-    tables, duplicate alembic version rows), so creation holds a lock beside the file.
-    """
-    if url is None or not url.startswith("sqlite"):
-        return url
-    database = Path(url.removeprefix("sqlite:///"))
-    if url.startswith("sqlite:///") and database.parent.is_dir():
-        with file_lock(database.with_name(database.name + ".lock")):
-            return _rdb_storage(url)
-    return _rdb_storage(url)  # in-memory or unusual URLs: nothing to race on
-
-
-def _rdb_storage(url: str) -> optuna.storages.RDBStorage:
-    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+def _storage(url: str | None) -> optuna.storages.BaseStorage | None:
+    return None if url is None else open_storage(url)
 
 
 def _jsonable(value: object) -> object:
@@ -178,6 +169,10 @@ def budget_used(study: optuna.Study) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(ABANDONED))
 
 
+def _deadline(minutes: float | None) -> float:
+    return math.inf if minutes is None else time.monotonic() + 60 * minutes
+
+
 def run_search(
     space: SearchSpace,
     evaluator: CandidateEvaluator,
@@ -190,7 +185,8 @@ def run_search(
     study = open_study(storage, space, settings)
     release_dead_trials(study)
     predictor = LatencyPredictor()
-    while budget_used(study) < settings.trials:
+    deadline = _deadline(settings.budget_minutes)
+    while budget_used(study) < settings.trials and time.monotonic() < deadline:
         trial = study.ask()
         trial.set_user_attr("worker", worker_id())
         _refit(predictor, study, settings)

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.postgres import postgres_server  # noqa: F401 (a fixture, shared by the tests)
+
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):

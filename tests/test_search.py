@@ -51,6 +51,7 @@ def test_mnasnet_rewards() -> None:
         ({"objective": "fastest"}, "unknown objective"),
         ({"latency_ms": 0.0}, "latency target must be positive"),
         ({"trials": 0}, "trials must be >= 1"),
+        ({"budget_minutes": 0.0}, "--budget-minutes must be positive"),
     ],
 )
 def test_bad_settings(fields: dict[str, object], message: str) -> None:
@@ -144,8 +145,18 @@ def _worker(storage: str, trials: int, *extra: str) -> subprocess.Popen[bytes]:
     )
 
 
-def test_a_killed_search_resumes_without_losing_finished_trials(tmp_path: Path) -> None:
-    storage = f"sqlite:///{tmp_path / 'study.db'}"
+@pytest.fixture(params=["sqlite", "postgresql"])
+def study_storage(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The same worker tests on a SQLite file and on a real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'study.db'}"
+    return request.getfixturevalue("postgres_server").new_database()
+
+
+def test_a_killed_search_resumes_without_losing_finished_trials(
+    tmp_path: Path, study_storage: str
+) -> None:
+    storage = study_storage
     marker = tmp_path / "hanging"
     worker = _worker(storage, 10, "4", str(marker))
     deadline = time.monotonic() + 120
@@ -167,8 +178,8 @@ def test_a_killed_search_resumes_without_losing_finished_trials(tmp_path: Path) 
     assert len(complete) == 10
 
 
-def test_two_workers_share_one_storage(tmp_path: Path) -> None:
-    storage = f"sqlite:///{tmp_path / 'study.db'}"
+def test_two_workers_share_one_storage(study_storage: str) -> None:
+    storage = study_storage
     workers = [_worker(storage, 16) for _ in range(2)]
     assert [w.wait(timeout=180) for w in workers] == [0, 0]
     study = optuna.load_study(study_name="fake", storage=storage)
