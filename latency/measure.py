@@ -84,7 +84,7 @@ def measure(
         hit = cache.get(key)
         if hit is not None:
             return TimedRun(hit, None, cached=True)
-    if rpc is None and in_process and _threads_here() == wanted_threads:
+    if rpc is None and in_process and threads_here() == wanted_threads:
         seconds, output = _measure_here(workload, inputs, protocol)
         used_threads = wanted_threads
     elif rpc is None:
@@ -112,7 +112,8 @@ def measure(
     return TimedRun(measurement, output)
 
 
-def _threads_here() -> int:
+def threads_here() -> int:
+    """Threads this process's TVM runtime uses (it reads TVM_NUM_THREADS once, at start)."""
     import tvm
 
     return int(tvm.get_global_func("runtime.NumThreads")())

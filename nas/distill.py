@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from transformers import BertForSequenceClassification, BertTokenizerFast
 from transformers import logging as hf_logging
 
+from canao.locks import file_lock, staged_folder
 from canao.nas.finetune import accuracy, encode
 from canao.nas.space import ArchConfig, SearchSpace
 from canao.nas.supernet import (
@@ -42,6 +43,7 @@ from canao.nas.supernet import (
     subnet_logits,
 )
 from canao.nas.tasks import Split
+from canao.nas.teacher import model_fingerprint
 
 LAYER_MAPPINGS = ("uniform", "kept")  # see hidden_state_loss
 
@@ -111,7 +113,7 @@ def cache_root() -> Path:
 
 
 def supernet_dir(teacher: Path, task: str, space: SearchSpace, config: SupernetConfig) -> Path:
-    fields = [str(teacher), task, asdict(space), config.cache_fields()]
+    fields = [model_fingerprint(teacher), task, asdict(space), config.cache_fields()]
     key = hashlib.sha256(json.dumps(fields, default=list).encode()).hexdigest()[:12]
     safe_task = re.sub(r"[^A-Za-z0-9_.-]+", "_", task)  # paths and hub names
     return cache_root() / "supernets" / f"{safe_task}-{key}"
@@ -210,8 +212,37 @@ def train_supernet(
     teacher, tokenizer = load_teacher(teacher_path)
     space = space or SearchSpace.from_teacher(teacher.config)
     out = supernet_dir(teacher_path, task, space, config)
-    if (out / "supernet.json").is_file():
-        return load_supernet(out)
+    if not (out / "supernet.json").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Workers of one study start together: one trains, the others wait and load it.
+        with file_lock(out.with_name(out.name + ".lock")):
+            if not (out / "supernet.json").is_file():
+                with staged_folder(out) as staging:
+                    _train_supernet_into(
+                        staging,
+                        teacher,
+                        tokenizer,
+                        teacher_path,
+                        train,
+                        task,
+                        space,
+                        config,
+                        progress,
+                    )
+    return load_supernet(out)
+
+
+def _train_supernet_into(
+    out: Path,
+    teacher: BertForSequenceClassification,
+    tokenizer: BertTokenizerFast,
+    teacher_path: Path,
+    train: Split,
+    task: str,
+    space: SearchSpace,
+    config: SupernetConfig,
+    progress: Callable[[int, int, dict[str, float]], None] | None,
+) -> None:
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     data = batches(tokenizer, train, config.batch_size, config.max_length, rng)
@@ -235,11 +266,9 @@ def train_supernet(
         "seconds": round(time.perf_counter() - started, 1),
         "loss_log": log,
     }
-    out.mkdir(parents=True, exist_ok=True)
     _save_pretrained(student, out)
     tokenizer.save_pretrained(out)
     (out / "supernet.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
-    return SuperNet(student.eval(), tokenizer, space, out, info)
 
 
 def _sandwich(

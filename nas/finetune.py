@@ -23,6 +23,7 @@ import torch
 from transformers import BertForSequenceClassification, BertTokenizerFast
 
 from canao.compiler.models import minilm_path
+from canao.locks import file_lock, staged_folder
 from canao.nas.tasks import (
     Split,
     TaskLike,
@@ -32,6 +33,7 @@ from canao.nas.tasks import (
     num_labels,
     task_name,
 )
+from canao.nas.teacher import model_fingerprint
 from canao.progress import Progress
 
 
@@ -49,7 +51,7 @@ class FinetuneConfig:
 def teacher_dir(config: FinetuneConfig, base_model: Path, data_root: Path) -> Path:
     """Cache folder: one per (base model, data, settings)."""
     settings = {**asdict(config), "task": as_spec(config.task).fingerprint()}
-    fields = [str(base_model), str(data_root), settings]
+    fields = [model_fingerprint(base_model), str(data_root), settings]
     key = hashlib.sha256(json.dumps(fields, default=str).encode()).hexdigest()[:12]
     cache = Path(os.environ.get("CANAO_CACHE_DIR") or Path.home() / ".cache" / "canao")
     safe_task = re.sub(r"[^A-Za-z0-9_.-]+", "_", task_name(config.task))  # hub names, paths
@@ -142,6 +144,18 @@ def finetune(
     out = teacher_dir(config, base_model, glue_root)
     if (out / "config.json").is_file():
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Workers of one study start together: one trains, the others wait and load its result.
+    with file_lock(out.with_name(out.name + ".lock")):
+        if not (out / "config.json").is_file():
+            with staged_folder(out) as staging:
+                _finetune_into(staging, config, base_model, glue_root, log)
+    return out
+
+
+def _finetune_into(
+    out: Path, config: FinetuneConfig, base_model: Path, glue_root: Path, log: bool
+) -> None:
     data = load_task(config.task, glue_root)
     torch.manual_seed(config.seed)
     tokenizer = BertTokenizerFast.from_pretrained(str(base_model), local_files_only=True)
@@ -181,7 +195,6 @@ def finetune(
         bar.close()
     model.to("cpu")
     dev_accuracy = accuracy(model, tokenizer, data["dev"], config.max_length)
-    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)  # safetensors
     tokenizer.save_pretrained(out)
     (out / "canao_finetune.json").write_text(
@@ -196,4 +209,3 @@ def finetune(
             indent=2,
         )
     )
-    return out

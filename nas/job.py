@@ -88,6 +88,7 @@ class SearchJob:
     rpc: RPCAddress | None = None
     export_winner: bool = True
     progress: bool = True
+    anchor: bool = True  # time the teacher interleaved with each candidate (local runs)
 
     @property
     def pipeline(self) -> str:
@@ -201,6 +202,9 @@ def prepare(job: SearchJob, log: Log) -> SupernetEvaluator:
         protocol=Protocol(warmup=3, repeats=15),
         rpc=job.rpc,
         cache=LatencyCache(),
+        # The teacher, timed beside every candidate: the load on a shared machine drifts
+        # between trials, and candidates are ranked by their ratio to it.
+        anchor=supernet.space.largest() if job.anchor else None,
     )
     dev = _dev_slice(data["dev"], job.dev_limit)
     names = metric_names(task_name(job.task))
@@ -362,6 +366,23 @@ def _trial_bar(job: SearchJob) -> Callable[[object], None] | None:
     return update
 
 
+def anchor_noise(frame: pd.DataFrame) -> dict[str, float | int] | None:
+    """How much the same build (the anchor) moved between trials: the study's noise band.
+
+    ``band``: the 10-90 percentile spread of the anchor's medians over their median; a raw
+    latency difference smaller than this may be load, not the architecture.
+    """
+    if "latency_anchor_ms" not in frame or frame["latency_anchor_ms"].notna().sum() < 2:
+        return None
+    anchor = frame["latency_anchor_ms"].dropna().astype(float)
+    low, mid, high = anchor.quantile([0.1, 0.5, 0.9])
+    return {
+        "anchor_timings": len(anchor),
+        "anchor_median_ms": round(mid, 4),
+        "band": round((high - low) / mid, 4),
+    }
+
+
 def write_outputs(
     study: object,
     job: SearchJob,
@@ -390,6 +411,7 @@ def write_outputs(
         "trials": frame["state"].value_counts().to_dict(),
         "search_seconds_this_run": search_seconds,
         "predictor": predictor_report(study),  # type: ignore[arg-type]
+        "latency_noise": anchor_noise(frame),
     }
     if winner is None:
         summary["no_winner"] = (

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,16 +25,22 @@ import numpy as np
 import torch
 from transformers import BertConfig
 
-from canao.compiler.build import compile_model, export_library
+from canao.compiler.build import CompiledModel, compile_model, export_library
 from canao.compiler.importer import INPUT_NAMES, InputSpec, example_inputs
 from canao.compiler.models import load_model
 from canao.compiler.pipelines import DEFAULT_PIPELINE
 from canao.compiler.verify import compare, verify, verify_locally
 from canao.latency.cache import LatencyCache
 from canao.latency.environment import default_threads
-from canao.latency.measure import Workload, measure
-from canao.latency.protocol import Protocol, measurement_key
+from canao.latency.measure import TimedRun, Workload, measure, threads_here
+from canao.latency.protocol import (
+    Protocol,
+    make_measurement,
+    measurement_key,
+    time_interleaved,
+)
 from canao.latency.rpc import RPCAddress, remote_runner
+from canao.latency.runner import DeviceRunner, local_runner
 from canao.nas.modeling import CanaoBertForSequenceClassification, arch_config
 from canao.nas.space import ArchConfig
 
@@ -45,6 +52,19 @@ class LatencyResult:
     build_s: float = 0.0
     launches: int | None = None
     max_abs_diff: float | None = None
+    # The anchor build's median timed interleaved with this one, and the candidate's
+    # median over it: the machine's load drifts, the ratio much less (None: no anchor).
+    anchor_ms: float | None = None
+    anchored_ms: float | None = None  # ratio x the anchor's first median: ranks candidates
+
+    @property
+    def ratio(self) -> float | None:
+        return None if self.anchor_ms is None else self.median_ms / self.anchor_ms
+
+    @property
+    def ranked_ms(self) -> float:
+        """The latency the search ranks by: anchored where measured so, else the median."""
+        return self.median_ms if self.anchored_ms is None else self.anchored_ms
 
 
 def random_model(arch: ArchConfig, base: BertConfig) -> CanaoBertForSequenceClassification:
@@ -63,6 +83,14 @@ def arch_hash(arch: ArchConfig, base: BertConfig) -> str:
 
 
 @dataclass
+class _Anchor:
+    folder: tempfile.TemporaryDirectory[str]
+    runner: DeviceRunner
+    call: Callable[[], object]
+    reference_ms: float | None = None  # its first median: anchored latencies are in its ms
+
+
+@dataclass
 class LatencyEvaluator:
     """Compile -> verify -> measure one architecture, with a persistent cache."""
 
@@ -77,6 +105,10 @@ class LatencyEvaluator:
     rpc_timeout_s: float = 20.0
     cache: LatencyCache | None = None
     in_process: bool = True
+    # A reference architecture (the teacher) timed interleaved with every candidate, in
+    # blocks, in this process; local in-process measurement only (None: off).
+    anchor: ArchConfig | None = None
+    _anchor: _Anchor | None = field(default=None, init=False, repr=False)
 
     @property
     def device(self) -> str:
@@ -93,20 +125,10 @@ class LatencyEvaluator:
         known = self.cached(arch)
         if known is not None:
             return LatencyResult(known, cached=True)
-        loaded = load_model(random_model(arch, self.base))
         spec = InputSpec(self.batch, self.seq)
-        compiled = compile_model(loaded, self.target, self.pipeline, spec)
         inputs = example_inputs(self.base.vocab_size, self.batch, self.seq)
         with tempfile.TemporaryDirectory(prefix="canao-candidate-") as tmp:
-            library = export_library(compiled, Path(tmp) / "model.so")
-            if self.rpc is not None:
-                # Closed before measure() connects: a board serves one session at a time.
-                with remote_runner(
-                    library, self.rpc, compiled.target.device_type, self.rpc_timeout_s
-                ) as runner:
-                    verify(compiled, lambda x: runner.run(x, INPUT_NAMES), self.rpc.label)
-            else:
-                verify_locally(compiled)
+            compiled, library = self._build(arch, Path(tmp))
             workload = Workload(
                 library=library,
                 model=arch.shape_key,
@@ -117,27 +139,107 @@ class LatencyEvaluator:
                 input_names=INPUT_NAMES,
                 device_type=compiled.target.device_type,
             )
-            run = measure(
-                workload,
-                inputs,
-                protocol=self.protocol,
-                threads=self.threads,
-                rpc=self.rpc,
-                cache=self.cache,
-                refresh=True,
-                rpc_timeout_s=self.rpc_timeout_s,
-                in_process=self.in_process and self.rpc is None,
-            )
+            anchor_ms = None
+            if self._anchored():
+                run, anchor_ms = self._measure_beside_anchor(workload, inputs)
+            else:
+                run = measure(
+                    workload,
+                    inputs,
+                    protocol=self.protocol,
+                    threads=self.threads,
+                    rpc=self.rpc,
+                    cache=self.cache,
+                    refresh=True,
+                    rpc_timeout_s=self.rpc_timeout_s,
+                    in_process=self.in_process and self.rpc is None,
+                )
         diff = None
         if run.output is not None:
             diff = compare(compiled, run.output, inputs, self.device)["max_abs_diff"]
+        median = run.measurement.median_ms
         return LatencyResult(
-            run.measurement.median_ms,
+            median,
             cached=False,
             build_s=compiled.build_seconds,
             launches=compiled.kernels.kernel_launches,
             max_abs_diff=diff,
+            anchor_ms=anchor_ms,
+            anchored_ms=self._anchored_ms(median, anchor_ms),
         )
+
+    def _build(self, arch: ArchConfig, folder: Path) -> tuple[CompiledModel, Path]:
+        """The candidate's shipped artifact, checked against PyTorch before it is timed."""
+        loaded = load_model(random_model(arch, self.base))
+        compiled = compile_model(
+            loaded, self.target, self.pipeline, InputSpec(self.batch, self.seq)
+        )
+        library = export_library(compiled, folder / "model.so")
+        if self.rpc is not None:
+            # Closed before measure() connects: a board serves one session at a time.
+            with remote_runner(
+                library, self.rpc, compiled.target.device_type, self.rpc_timeout_s
+            ) as runner:
+                verify(compiled, lambda x: runner.run(x, INPUT_NAMES), self.rpc.label)
+        else:
+            verify_locally(compiled)
+        return compiled, library
+
+    def _anchored(self) -> bool:
+        if self.anchor is None or self.rpc is not None or not self.in_process:
+            return False
+        wanted = self.threads if self.threads is not None else default_threads()
+        return threads_here() == wanted
+
+    def _measure_beside_anchor(
+        self, workload: Workload, inputs: dict[str, np.ndarray]
+    ) -> tuple[TimedRun, float]:
+        """Candidate and anchor take turns block by block; the candidate's result is cached."""
+        anchor = self._anchor_build(inputs)
+        runner = local_runner(workload.library, workload.device_type)
+        output = runner.run(inputs, INPUT_NAMES)
+        calls = {"anchor": anchor.call, "candidate": runner.bind(inputs, INPUT_NAMES)}
+        seconds = time_interleaved(calls, self.protocol)
+        measurement = make_measurement(
+            seconds["candidate"],
+            key=measurement_key(
+                workload.model_hash,
+                workload.target,
+                workload.pipeline,
+                workload.shapes,
+                threads_here(),
+                self.device,
+            ),
+            model=workload.model,
+            model_hash=workload.model_hash,
+            target=workload.target,
+            pipeline=workload.pipeline,
+            shapes=workload.shapes,
+            threads=threads_here(),
+            protocol=self.protocol,
+        )
+        if self.cache is not None:
+            self.cache.put(measurement)
+        anchor_ms = float(np.median(seconds["anchor"])) * 1e3
+        if anchor.reference_ms is None:
+            anchor.reference_ms = anchor_ms
+        return TimedRun(measurement, output), anchor_ms
+
+    def _anchor_build(self, inputs: dict[str, np.ndarray]) -> _Anchor:
+        """Built once per evaluator, and kept loaded (its folder lives as long as it does)."""
+        if self._anchor is None:
+            assert self.anchor is not None
+            folder = tempfile.TemporaryDirectory(prefix="canao-anchor-")
+            compiled, library = self._build(self.anchor, Path(folder.name))
+            runner = local_runner(library, compiled.target.device_type)
+            self._anchor = _Anchor(folder, runner, runner.bind(inputs, INPUT_NAMES))
+        return self._anchor
+
+    def _anchored_ms(self, median_ms: float, anchor_ms: float | None) -> float | None:
+        """The candidate's ratio to the anchor, scaled by the anchor's first median (in ms)."""
+        if anchor_ms is None or self._anchor is None or self._anchor.reference_ms is None:
+            return None
+        return median_ms / anchor_ms * self._anchor.reference_ms
 
     def _key(self, arch: ArchConfig) -> str:
         threads = self.threads if self.threads is not None else default_threads()

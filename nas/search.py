@@ -223,11 +223,17 @@ def _run_trial(
         trial.set_user_attr("accuracy", accuracy)
         for name, value in _other_metrics(evaluator, arch).items():
             trial.set_user_attr(name, value)
-        trial.set_user_attr("latency_ms", measured.median_ms)
+        # latency_ms is what the reward ranks: anchored (ratio to the anchor timed beside it,
+        # in the anchor's first-measured ms) where measured so; the raw median kept beside it.
+        trial.set_user_attr("latency_ms", round(measured.ranked_ms, 4))
+        trial.set_user_attr("latency_median_ms", round(measured.median_ms, 4))
+        if measured.anchor_ms is not None and measured.ratio is not None:
+            trial.set_user_attr("latency_anchor_ms", round(measured.anchor_ms, 4))
+            trial.set_user_attr("latency_ratio", round(measured.ratio, 4))
         trial.set_user_attr("latency_cached", measured.cached)
         if measured.build_s:
             trial.set_user_attr("build_s", round(measured.build_s, 2))
-        study.tell(trial, _values(accuracy, measured.median_ms, settings))
+        study.tell(trial, _values(accuracy, measured.ranked_ms, settings))
     except KeyboardInterrupt:
         trial.set_user_attr("error", "interrupted")
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -302,6 +308,9 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
                 "accuracy": attrs.get("accuracy"),
                 **{name: attrs[name] for name in OTHER_METRICS if name in attrs},
                 "latency_ms": attrs.get("latency_ms"),
+                "latency_median_ms": attrs.get("latency_median_ms"),
+                "latency_anchor_ms": attrs.get("latency_anchor_ms"),
+                "latency_ratio": attrs.get("latency_ratio"),
                 "predicted_ms": attrs.get("predicted_ms"),
                 "reward": trial.values[0] if trial.values and len(trial.values) == 1 else None,
                 "worker": attrs.get("worker"),

@@ -17,6 +17,7 @@ hub.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,31 @@ from canao.errors import CanaoError
 
 BERT_MODEL_TYPES = ("bert", "canao_bert")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+
+
+# What makes a model what it is; not tokenizer_config.json, which may record where it was.
+MODEL_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", *TOKENIZER_FILES)
+
+
+def model_fingerprint(folder: Path) -> str:
+    """A digest of a model folder's config, weights and vocabulary, for cache keys.
+
+    Caches keyed on the content, not the path, are found again from another environment, a
+    copy of the folder or another machine: workers of one study agree on one teacher.
+    """
+    folder = Path(folder).resolve()
+    files = [folder / name for name in MODEL_FILES if (folder / name).is_file()]
+    files += sorted(folder.glob("model-*-of-*.safetensors"))  # sharded checkpoints
+    stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _fingerprint(folder, stamp)
+
+
+@functools.lru_cache(maxsize=32)
+def _fingerprint(folder: Path, stamp: tuple[tuple[str, int, int], ...]) -> str:
+    """Hashed once per file state: a BERT-base checkpoint is 440 MB."""
+    from canao.nas.datafiles import files_fingerprint
+
+    return files_fingerprint(folder / name for name, _, _ in stamp)
 
 
 class TeacherError(CanaoError):

@@ -188,3 +188,14 @@ def test_two_workers_share_one_storage(study_storage: str) -> None:
     assert (frame["state"] == "COMPLETE").all()
     assert frame["worker"].nunique() == 2
     assert sorted(frame["trial"]) == list(range(len(frame)))
+
+
+def test_anchor_noise_band() -> None:
+    from canao.nas.job import anchor_noise
+
+    timings = [10.0, 10.5, 11.0, 9.5, 10.0, None]
+    noise = anchor_noise(pd.DataFrame({"latency_anchor_ms": timings}))
+    assert noise is not None and noise["anchor_timings"] == 5
+    low, high = np.quantile([10.0, 10.5, 11.0, 9.5, 10.0], [0.1, 0.9])
+    assert noise["band"] == pytest.approx((high - low) / 10.0, abs=1e-4)
+    assert anchor_noise(pd.DataFrame({"latency_ms": [1.0]})) is None

@@ -31,6 +31,29 @@ def test_candidates_are_compiled_checked_measured_and_cached(tmp_path: Path) -> 
     assert evaluator(large).median_ms > 0
 
 
+def test_candidates_are_timed_beside_an_anchor(tmp_path: Path) -> None:
+    from canao.latency.measure import threads_here
+
+    large = ArchConfig(64, (4, 2), (256, 128), 16)
+    evaluator = LatencyEvaluator(
+        TINY_BASE,
+        seq=16,
+        threads=threads_here(),  # in-process timing, the anchor's condition
+        protocol=Protocol(warmup=1, repeats=8),
+        cache=LatencyCache(tmp_path / "l.db"),
+        anchor=large,
+    )
+    first = evaluator(ArchConfig(32, (1,), (64,), 16))
+    assert first.anchor_ms is not None and first.anchor_ms > 0
+    assert first.ratio == pytest.approx(first.median_ms / first.anchor_ms)
+    # The first anchored measurement sets the reference: its anchored value is its median.
+    assert first.anchored_ms == pytest.approx(first.median_ms)
+    assert first.max_abs_diff is not None and first.max_abs_diff < 1e-4  # still checked
+    second = evaluator(ArchConfig(64, (4,), (128,), 16))
+    assert second.anchored_ms == pytest.approx(second.ratio * first.anchor_ms)
+    assert evaluator.cached(ArchConfig(32, (1,), (64,), 16)) == first.median_ms  # raw, cached
+
+
 def test_candidates_measured_on_a_board_that_serves_one_session_at_a_time() -> None:
     """Verify and measure each open a session: the first must end before the second."""
     from canao.latency.rpc import LocalRPC
