@@ -114,6 +114,28 @@ def side_by_side(outcome: SearchOutcome, threads: int, repeats: int) -> pd.DataF
     return table
 
 
+def scale_summary(outcome: SearchOutcome) -> pd.DataFrame:
+    """Issue 17's figures: trials, minutes, seconds per candidate, MAPE, band, violations."""
+    summary, trials = outcome.summary, outcome.trials
+    measured = trials[trials["state"] == "COMPLETE"]
+    build = measured["build_s"].dropna() if "build_s" in measured else pd.Series(dtype=float)
+    noise = summary.get("latency_noise") or {}
+    monotonicity = summary.get("monotonicity") or {}
+    rows = {
+        "trials complete": len(measured),
+        "search minutes (this run)": round(float(summary["search_seconds_this_run"] or 0) / 60, 1),
+        "median build s / candidate": round(float(build.median()), 2) if len(build) else None,
+        "median build s after the first 20": (
+            round(float(build.iloc[20:].median()), 2) if len(build) > 20 else None
+        ),
+        "predictor held-out MAPE": summary.get("predictor"),
+        "anchor noise band (p10-p90 / median)": noise.get("band"),
+        "sub-network pairs checked": monotonicity.get("pairs"),
+        "monotonicity violations beyond the band": monotonicity.get("violations"),
+    }
+    return pd.DataFrame({"figure": list(rows), "value": [str(v) for v in rows.values()]})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="sst2")
@@ -161,6 +183,13 @@ def main() -> None:
         f"predictor held-out MAPE {summary['predictor']}"
     )
     publish(table, table.round(4), "search_winner", title)
+    scale = scale_summary(outcome)
+    publish(
+        scale,
+        scale,
+        "search_scale",
+        f"Search at scale: cost per candidate, noise band, monotonicity. {header(detail)}",
+    )
     outcome.trials.to_csv(RESULTS / "search_trials.csv", index=False)
     shutil.copy(outcome.out / "pareto.png", RESULTS / "search_pareto.png")
 

@@ -41,6 +41,7 @@ from canao.nas.retrain import RetrainConfig, retrain
 from canao.nas.search import (
     SearchSettings,
     best_trial,
+    monotonicity_violations,
     pareto_front,
     predictor_report,
     run_search,
@@ -366,6 +367,10 @@ def _trial_bar(job: SearchJob) -> Callable[[object], None] | None:
     return update
 
 
+# The band monotonicity is checked against when no anchor measured the noise (RPC runs).
+DEFAULT_NOISE_BAND = 0.05
+
+
 def anchor_noise(frame: pd.DataFrame) -> dict[str, float | int] | None:
     """How much the same build (the anchor) moved between trials: the study's noise band.
 
@@ -400,6 +405,7 @@ def write_outputs(
     frame.to_csv(job.out / "trials.csv", index=False)
     front.to_csv(job.out / "pareto.csv", index=False)
     plot_pareto(frame, front, teacher, job.out / "pareto.png", settings.latency_ms)
+    noise = anchor_noise(frame)
     summary: dict[str, object] = {
         "job": _job_dict(job),
         "latency_target_ms": settings.latency_ms,
@@ -411,7 +417,10 @@ def write_outputs(
         "trials": frame["state"].value_counts().to_dict(),
         "search_seconds_this_run": search_seconds,
         "predictor": predictor_report(study),  # type: ignore[arg-type]
-        "latency_noise": anchor_noise(frame),
+        "latency_noise": noise,
+        "monotonicity": monotonicity_violations(
+            frame, noise["band"] if noise else DEFAULT_NOISE_BAND
+        ),
     }
     if winner is None:
         summary["no_winner"] = (

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
+import networkx as nx
 import optuna
 import pandas as pd
 
@@ -311,6 +312,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
                 "latency_median_ms": attrs.get("latency_median_ms"),
                 "latency_anchor_ms": attrs.get("latency_anchor_ms"),
                 "latency_ratio": attrs.get("latency_ratio"),
+                "build_s": attrs.get("build_s"),
                 "predicted_ms": attrs.get("predicted_ms"),
                 "reward": trial.values[0] if trial.values and len(trial.values) == 1 else None,
                 "worker": attrs.get("worker"),
@@ -318,6 +320,50 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def contains(outer: ArchConfig, inner: ArchConfig) -> bool:
+    """``inner`` is a sub-network of ``outer`` in every size latency follows.
+
+    Hidden size no larger, and each of inner's layers matched to a distinct layer of outer
+    with no more heads and no larger FFN (a bipartite matching: latency ignores layer order).
+    """
+    if inner.head_dim != outer.head_dim or inner.hidden_size > outer.hidden_size:
+        return False
+    if inner.num_layers > outer.num_layers:
+        return False
+    graph = nx.Graph()
+    left = [("inner", i) for i in range(inner.num_layers)]
+    graph.add_nodes_from(left)
+    graph.add_nodes_from(("outer", j) for j in range(outer.num_layers))
+    for i in range(inner.num_layers):
+        for j in range(outer.num_layers):
+            if inner.heads[i] <= outer.heads[j] and inner.ffn[i] <= outer.ffn[j]:
+                graph.add_edge(("inner", i), ("outer", j))
+    matching = nx.bipartite.maximum_matching(graph, top_nodes=left)
+    return all(node in matching for node in left)
+
+
+def monotonicity_violations(frame: pd.DataFrame, band: float) -> dict[str, object]:
+    """Recorded sub-networks slower than an architecture that contains them, beyond ``band``.
+
+    A sub-network does less of every kernel's work, so measuring it slower than its
+    container by more than the noise band means a latency in the reward is wrong.
+    """
+    done = frame[(frame["state"] == "COMPLETE") & frame["latency_ms"].notna()]
+    latency = done.groupby("arch")["latency_ms"].first().astype(float).to_dict()
+    archs = {key: ArchConfig.from_key(key) for key in latency}
+    pairs, worst = 0, []
+    for inner_key, inner in archs.items():
+        for outer_key, outer in archs.items():
+            if inner.shape_key == outer.shape_key or not contains(outer, inner):
+                continue
+            pairs += 1
+            excess = latency[inner_key] / latency[outer_key] - 1
+            if excess > band:
+                worst.append({"sub": inner_key, "container": outer_key, "excess": round(excess, 4)})
+    worst.sort(key=lambda row: -float(row["excess"]))
+    return {"band": band, "pairs": pairs, "violations": len(worst), "worst": worst[:5]}
 
 
 def pareto_front(frame: pd.DataFrame) -> pd.DataFrame:

@@ -24,6 +24,7 @@ from canao.nas.search import (
     run_search,
     trials_frame,
 )
+from canao.nas.space import ArchConfig
 from tests.search_fakes import SPACE, FakeEvaluator
 
 REPO = Path(__file__).resolve().parent.parent
@@ -199,3 +200,33 @@ def test_anchor_noise_band() -> None:
     low, high = np.quantile([10.0, 10.5, 11.0, 9.5, 10.0], [0.1, 0.9])
     assert noise["band"] == pytest.approx((high - low) / 10.0, abs=1e-4)
     assert anchor_noise(pd.DataFrame({"latency_ms": [1.0]})) is None
+
+
+def test_containment_ignores_layer_order_but_not_sizes() -> None:
+    from canao.nas.search import contains
+
+    outer = ArchConfig(256, (8, 4), (1024, 512), 32)
+    assert contains(outer, ArchConfig(256, (4, 8), (512, 1024), 32))  # same layers, reordered
+    assert contains(outer, ArchConfig(128, (4,), (1024,), 32))  # matched to outer's first
+    assert not contains(outer, ArchConfig(256, (8, 8), (512, 512), 32))  # two 8-head layers
+    assert not contains(outer, ArchConfig(384, (4,), (512,), 32))  # wider
+    assert not contains(outer, ArchConfig(256, (4, 4, 4), (512, 512, 512), 32))  # deeper
+
+
+def test_monotonicity_violations_beyond_the_band() -> None:
+    from canao.nas.search import monotonicity_violations
+
+    big = ArchConfig(256, (8, 8), (1024, 1024), 32).key
+    small = ArchConfig(128, (4, 4), (512, 512), 32).key
+    other = ArchConfig(384, (2,), (256,), 32).key  # neither contains nor is contained by big
+    frame = pd.DataFrame(
+        {
+            "arch": [big, small, other],
+            "state": ["COMPLETE"] * 3,
+            "latency_ms": [10.0, 10.4, 30.0],
+        }
+    )
+    within = monotonicity_violations(frame, band=0.05)
+    assert within["pairs"] == 1 and within["violations"] == 0  # 4% slower: inside the band
+    beyond = monotonicity_violations(frame, band=0.02)
+    assert beyond["violations"] == 1 and beyond["worst"][0]["sub"] == small
