@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import shutil
-import threading
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import BertForSequenceClassification
 
-import canao.nas.distill as distill
 from canao.locks import staged_folder
-from canao.nas.distill import SupernetConfig, supernet_dir, train_supernet
+from canao.nas.distill import SupernetConfig, supernet_dir
 from canao.nas.finetune import FinetuneConfig, teacher_dir
 from canao.nas.space import SearchSpace
 from canao.nas.teacher import model_fingerprint
@@ -43,33 +43,44 @@ def test_cache_keys_follow_content_not_path(tmp_path: Path) -> None:
     assert supernet_dir(copy, "toy", space, CONFIG) != supernet_dir(teacher, "toy", space, CONFIG)
 
 
-def test_workers_starting_together_train_one_supernet(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    _, train = toy_supernet(tmp_path)
-    teacher = tmp_path / "teacher"
-    config = SupernetConfig(steps=2, batch_size=8, importance_batches=1, seed=7)  # not cached
-    trained: list[int] = []
-    sandwich = distill._sandwich
+# One worker process: trains the toy super-network (or loads it), noting when it trains.
+WORKER = """
+import sys
+from pathlib import Path
+import canao.nas.distill as distill
+from canao.nas.distill import SupernetConfig, train_supernet
+from canao.nas.tasks import Split
 
-    def counting(*args, **kwargs):
-        trained.append(threading.get_ident())
-        return sandwich(*args, **kwargs)
+folder, log = Path(sys.argv[1]), Path(sys.argv[2])
+sandwich = distill._sandwich
+def counting(*args, **kwargs):
+    with log.open("a") as handle:
+        handle.write("trained\\n")
+    return sandwich(*args, **kwargs)
+distill._sandwich = counting
+texts = tuple((f"a {'good' if i % 2 else 'bad'} film number {i}",) for i in range(32))
+train = Split(texts, tuple(i % 2 for i in range(32)), ("bad", "good"))
+config = SupernetConfig(steps=2, batch_size=8, importance_batches=1, seed=7)
+print(train_supernet(folder / "teacher", train, "toy", config=config).path)
+"""
 
-    monkeypatch.setattr(distill, "_sandwich", counting)
-    results: list[Path] = []
 
-    def worker() -> None:
-        results.append(train_supernet(teacher, train, "toy", config=config).path)
-
-    threads = [threading.Thread(target=worker) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
-    assert len(trained) == 1  # the second waited on the lock and loaded the first's
-    assert len(results) == 2 and results[0] == results[1]
-    assert not list(results[0].parent.glob("*.partial-*"))
+def test_workers_starting_together_train_one_supernet(tmp_path: Path) -> None:
+    toy_supernet(tmp_path)  # the teacher folder (its own one-step super-network aside)
+    log = tmp_path / "trained.log"
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(tmp_path), str(log)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    paths = [worker.communicate(timeout=300)[0].strip() for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0]
+    assert log.read_text().count("trained") == 1  # the other waited on the lock and loaded
+    assert paths[0] == paths[1] and Path(paths[0]).is_dir()
+    assert not list(Path(paths[0]).parent.glob("*.partial-*"))
 
 
 def test_a_failed_write_leaves_no_folder(tmp_path: Path) -> None:
