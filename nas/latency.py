@@ -141,7 +141,7 @@ class LatencyEvaluator:
             )
             anchor_ms = None
             if self._anchored():
-                run, anchor_ms = self._measure_beside_anchor(workload, inputs)
+                run, anchor_ms = self._measure_beside_anchor(arch, workload, inputs)
             else:
                 run = measure(
                     workload,
@@ -192,7 +192,7 @@ class LatencyEvaluator:
         return threads_here() == wanted
 
     def _measure_beside_anchor(
-        self, workload: Workload, inputs: dict[str, np.ndarray]
+        self, arch: ArchConfig, workload: Workload, inputs: dict[str, np.ndarray]
     ) -> tuple[TimedRun, float]:
         """Candidate and anchor take turns block by block; the candidate's result is cached."""
         anchor = self._anchor_build(inputs)
@@ -202,14 +202,7 @@ class LatencyEvaluator:
         seconds = time_interleaved(calls, self.protocol)
         measurement = make_measurement(
             seconds["candidate"],
-            key=measurement_key(
-                workload.model_hash,
-                workload.target,
-                workload.pipeline,
-                workload.shapes,
-                threads_here(),
-                self.device,
-            ),
+            key=self._key(arch),
             model=workload.model,
             model_hash=workload.model_hash,
             target=workload.target,
