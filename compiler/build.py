@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from canao.compiler.importer import INPUT_NAMES, InputSpec, import_bert
+from canao.compiler.kernel_cache import CachedBuild, KernelCache, build_from_cache, export_cached
 from canao.compiler.kernels import KernelReport, kernel_report
 from canao.compiler.models import LoadedModel
 from canao.compiler.pipelines import get_pipeline
@@ -41,6 +42,8 @@ class CompiledModel:
     kernels: KernelReport
     build_seconds: float
     numerics: dict[str, float] | None = None  # filled by canao.compiler.verify
+    # Linked from a search's kernel cache: export links its object files (None: built whole).
+    cached: CachedBuild | None = None
 
     def artifact_hash(self) -> str:
         """What a latency cache key needs: same model, shapes, target, pipeline."""
@@ -106,8 +109,14 @@ def compile_model(
     target: str | TargetSpec = "x86",
     pipeline: str = "default",
     spec: InputSpec | None = None,
+    kernel_cache: KernelCache | None = None,
 ) -> CompiledModel:
-    """Import ``model`` at ``spec``'s shapes, lower with ``pipeline``, generate code."""
+    """Import ``model`` at ``spec``'s shapes, lower with ``pipeline``, generate code.
+
+    With ``kernel_cache`` (CPU targets), a kernel compiled by an earlier build is linked
+    instead of generated again (:mod:`canao.compiler.kernel_cache`); the output is
+    the same, bit for bit.
+    """
     from tvm import relax
 
     target_spec = get_target(target) if isinstance(target, str) else target
@@ -118,9 +127,14 @@ def compile_model(
     imported = import_bert(model.module, spec)
     # LegalizeOps logs a harmless "Fast mode segfaults" warning per embedding
     # lookup from C++; errors still surface as Python exceptions.
+    cached = None
     with quiet_native_stderr(), tvm_target:  # type: ignore[attr-defined]
         lowered = pipeline_pass(imported)  # type: ignore[operator]
-        executable = relax.build(lowered, tvm_target, relax_pipeline=None)
+        if kernel_cache is not None and target_spec.device_type == "cpu":
+            cached = build_from_cache(lowered, tvm_target, kernel_cache)
+            executable = cached.executable
+        else:
+            executable = relax.build(lowered, tvm_target, relax_pipeline=None)
     return CompiledModel(
         model=model,
         spec=spec,
@@ -130,6 +144,7 @@ def compile_model(
         lowered=lowered,
         kernels=kernel_report(lowered),
         build_seconds=time.perf_counter() - start,
+        cached=cached,
     )
 
 
@@ -137,6 +152,8 @@ def export_library(compiled: CompiledModel, path: Path) -> Path:
     """Write the deployable shared library (linked for the target's machine)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with quiet_native_stderr():
+        if compiled.cached is not None:
+            return export_cached(compiled.cached, path, compiled.target.linker())
         compiled.executable.export_library(str(path), fcompile=compiled.target.linker())
     return path
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,10 @@ from transformers import BertConfig
 
 from canao.compiler.build import CompiledModel, compile_model, export_library
 from canao.compiler.importer import INPUT_NAMES, InputSpec, example_inputs
+from canao.compiler.kernel_cache import KernelCache, process_kernel_cache
 from canao.compiler.models import load_model
 from canao.compiler.pipelines import DEFAULT_PIPELINE
+from canao.compiler.targets import get_target
 from canao.compiler.verify import compare, verify, verify_locally
 from canao.latency.cache import LatencyCache
 from canao.latency.environment import default_threads
@@ -49,7 +52,9 @@ from canao.nas.space import ArchConfig
 class LatencyResult:
     median_ms: float
     cached: bool
-    build_s: float = 0.0
+    build_s: float = 0.0  # import, pipeline and code generation (linking cached kernels)
+    export_s: float = 0.0  # writing and linking the shared library
+    kernels_compiled: int | None = None  # kernels generated for this build (the rest reused)
     launches: int | None = None
     max_abs_diff: float | None = None
     # The anchor build's median timed interleaved with this one, and the candidate's
@@ -108,7 +113,10 @@ class LatencyEvaluator:
     # A reference architecture (the teacher) timed interleaved with every candidate, in
     # blocks, in this process; local in-process measurement only (None: off).
     anchor: ArchConfig | None = None
+    # Kernels compiled by an earlier candidate are linked, not generated again (same code).
+    reuse_kernels: bool = True
     _anchor: _Anchor | None = field(default=None, init=False, repr=False)
+    _export_s: float = field(default=0.0, init=False, repr=False)
 
     @property
     def device(self) -> str:
@@ -158,10 +166,13 @@ class LatencyEvaluator:
         if run.output is not None:
             diff = compare(compiled, run.output, inputs, self.device)["max_abs_diff"]
         median = run.measurement.median_ms
+        stats = compiled.cached.stats if compiled.cached is not None else None
         return LatencyResult(
             median,
             cached=False,
             build_s=compiled.build_seconds,
+            export_s=self._export_s,
+            kernels_compiled=stats.compiled if stats is not None else None,
             launches=compiled.kernels.kernel_launches,
             max_abs_diff=diff,
             anchor_ms=anchor_ms,
@@ -172,9 +183,15 @@ class LatencyEvaluator:
         """The candidate's shipped artifact, checked against PyTorch before it is timed."""
         loaded = load_model(random_model(arch, self.base))
         compiled = compile_model(
-            loaded, self.target, self.pipeline, InputSpec(self.batch, self.seq)
+            loaded,
+            self.target,
+            self.pipeline,
+            InputSpec(self.batch, self.seq),
+            kernel_cache=self._kernel_cache(),
         )
+        start = time.perf_counter()
         library = export_library(compiled, folder / "model.so")
+        self._export_s = time.perf_counter() - start
         if self.rpc is not None:
             # Closed before measure() connects: a board serves one session at a time.
             with remote_runner(
@@ -184,6 +201,12 @@ class LatencyEvaluator:
         else:
             verify_locally(compiled)
         return compiled, library
+
+    def _kernel_cache(self) -> KernelCache | None:
+        spec = get_target(self.target)
+        if not self.reuse_kernels or spec.device_type != "cpu":
+            return None
+        return process_kernel_cache(spec.tvm_target())
 
     def _anchored(self) -> bool:
         if self.anchor is None or self.rpc is not None or not self.in_process:

@@ -234,6 +234,9 @@ def _run_trial(
         trial.set_user_attr("latency_cached", measured.cached)
         if measured.build_s:
             trial.set_user_attr("build_s", round(measured.build_s, 2))
+            trial.set_user_attr("export_s", round(measured.export_s, 2))
+        if measured.kernels_compiled is not None:
+            trial.set_user_attr("kernels_compiled", measured.kernels_compiled)
         study.tell(trial, _values(accuracy, measured.ranked_ms, settings))
     except KeyboardInterrupt:
         trial.set_user_attr("error", "interrupted")
@@ -313,6 +316,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
                 "latency_anchor_ms": attrs.get("latency_anchor_ms"),
                 "latency_ratio": attrs.get("latency_ratio"),
                 "build_s": attrs.get("build_s"),
+                "export_s": attrs.get("export_s"),
+                "kernels_compiled": attrs.get("kernels_compiled"),
                 "predicted_ms": attrs.get("predicted_ms"),
                 "reward": trial.values[0] if trial.values and len(trial.values) == 1 else None,
                 "worker": attrs.get("worker"),
