@@ -61,7 +61,11 @@ def cpu_stages(
     from canao.compiler.schedules.pack_dense import pack_dense_weights
     from canao.compiler.schedules.rules import default_rules
     from canao.compiler.schedules.vector_math import vectorised_math
-    from canao.fusion.algebraic import fold_scale_into_dense, simplify_elementwise
+    from canao.fusion.algebraic import (
+        fold_constant_transposes,
+        fold_scale_into_dense,
+        simplify_elementwise,
+    )
     from canao.fusion.attention import fuse_attention
     from canao.fusion.merge_dense import merge_parallel_dense
     from canao.fusion.residual_layernorm import fuse_residual_layer_norm
@@ -86,7 +90,8 @@ def cpu_stages(
     ]
     tiling = choose_tiling(target)
     return [
-        ("fold_constants", relax.transform.FoldConstant()),  # weight transposes -> W[K, N]
+        # weight transposes -> W[K, N] (in NumPy: FoldConstant would compile a kernel each)
+        ("fold_constants", seq(fold_constant_transposes(), relax.transform.FoldConstant())),
         *(fusion if canao_fusion else []),
         (
             "pack_dense" + ("_with_epilogues" if canao_fusion else ""),

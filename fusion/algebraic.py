@@ -211,3 +211,30 @@ def _fold_scale_rules() -> list[tuple[Any, Any]]:
 def fold_scale_into_dense() -> Any:
     """The pass: see the module docstring."""
     return _module_pass("canao.FoldScaleIntoDense", _fold_scale_rules)
+
+
+# --------------------------------------------------------------------- fold_constant_transposes
+
+
+def _transpose_rules() -> list[tuple[Any, Any]]:
+    from tvm import relax
+    from tvm.relax.dpl import is_const, is_op
+
+    weight = is_const()
+    pattern = is_op("relax.permute_dims")(weight)
+
+    def rewrite(expr: Any, matches: Any) -> Any:
+        array = matches[weight].value.numpy()
+        return relax.const(np.ascontiguousarray(np.transpose(array, _axes(expr, array.ndim))))
+
+    return [(pattern, rewrite)]
+
+
+def fold_constant_transposes() -> Any:
+    """``permute_dims(W) -> W^T`` for constant ``W``, transposed in NumPy.
+
+    PyTorch's ``linear`` keeps weights as [N, K] and the import transposes each one;
+    Relax's FoldConstant would compile and run a TVM kernel per distinct weight
+    shape (1.4 s of a 6-layer MiniLM's build). A transpose is a copy: exact.
+    """
+    return _module_pass("canao.FoldConstantTransposes", _transpose_rules)

@@ -40,12 +40,13 @@ from canao.latency.protocol import (
     Protocol,
     make_measurement,
     measurement_key,
+    summarize,
     time_interleaved,
 )
 from canao.latency.rpc import RPCAddress, remote_runner
 from canao.latency.runner import DeviceRunner, local_runner
 from canao.nas.modeling import CanaoBertForSequenceClassification, arch_config
-from canao.nas.space import ArchConfig
+from canao.nas.space import ArchConfig, contains
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class LatencyResult:
     # median over it: the machine's load drifts, the ratio much less (None: no anchor).
     anchor_ms: float | None = None
     anchored_ms: float | None = None  # ratio x the anchor's first median: ranks candidates
+    retimed: int = 0  # times timed again (wide spread, or out of order with a sub-network)
 
     @property
     def ratio(self) -> float | None:
@@ -115,8 +117,14 @@ class LatencyEvaluator:
     anchor: ArchConfig | None = None
     # Kernels compiled by an earlier candidate are linked, not generated again (same code).
     reuse_kernels: bool = True
+    # Anchored candidates whose IQR exceeds this fraction of their median, or that are out
+    # of order with a sub-network (or container) measured before by more, are timed again.
+    noise_band: float = 0.05
+    retime_limit: int = 2
     _anchor: _Anchor | None = field(default=None, init=False, repr=False)
     _export_s: float = field(default=0.0, init=False, repr=False)
+    # Anchored latency (ms) of each architecture this evaluator measured: the order check.
+    _recorded: dict[ArchConfig, float] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def device(self) -> str:
@@ -147,9 +155,9 @@ class LatencyEvaluator:
                 input_names=INPUT_NAMES,
                 device_type=compiled.target.device_type,
             )
-            anchor_ms = None
+            anchor_ms, retimed = None, 0
             if self._anchored():
-                run, anchor_ms = self._measure_beside_anchor(arch, workload, inputs)
+                run, anchor_ms, retimed = self._measure_beside_anchor(arch, workload, inputs)
             else:
                 run = measure(
                     workload,
@@ -177,6 +185,7 @@ class LatencyEvaluator:
             max_abs_diff=diff,
             anchor_ms=anchor_ms,
             anchored_ms=self._anchored_ms(median, anchor_ms),
+            retimed=retimed,
         )
 
     def _build(self, arch: ArchConfig, folder: Path) -> tuple[CompiledModel, Path]:
@@ -216,13 +225,22 @@ class LatencyEvaluator:
 
     def _measure_beside_anchor(
         self, arch: ArchConfig, workload: Workload, inputs: dict[str, np.ndarray]
-    ) -> tuple[TimedRun, float]:
-        """Candidate and anchor take turns block by block; the candidate's result is cached."""
+    ) -> tuple[TimedRun, float, int]:
+        """Candidate and anchor take turns block by block; the candidate's result is cached.
+
+        Timed again (samples pooled) while :meth:`_suspect`, at most ``retime_limit`` times;
+        returns the run, the anchor's median and how many times it was timed again.
+        """
         anchor = self._anchor_build(inputs)
         runner = local_runner(workload.library, workload.device_type)
         output = runner.run(inputs, INPUT_NAMES)
         calls = {"anchor": anchor.call, "candidate": runner.bind(inputs, INPUT_NAMES)}
         seconds = time_interleaved(calls, self.protocol)
+        retimed = 0
+        while retimed < self.retime_limit and self._suspect(arch, seconds, anchor):
+            more = time_interleaved(calls, self.protocol)  # pooled: the median of more samples
+            seconds = {name: seconds[name] + more[name] for name in seconds}
+            retimed += 1
         measurement = make_measurement(
             seconds["candidate"],
             key=self._key(arch),
@@ -239,7 +257,31 @@ class LatencyEvaluator:
         anchor_ms = float(np.median(seconds["anchor"])) * 1e3
         if anchor.reference_ms is None:
             anchor.reference_ms = anchor_ms
-        return TimedRun(measurement, output), anchor_ms
+        self._recorded[arch] = measurement.median_ms / anchor_ms * anchor.reference_ms
+        return TimedRun(measurement, output), anchor_ms, retimed
+
+    def _suspect(self, arch: ArchConfig, seconds: dict[str, list[float]], anchor: _Anchor) -> bool:
+        """Time again? A wide spread, or an order against a sub-network measured before.
+
+        A sub-network does less of every kernel's work than an architecture containing it:
+        recorded slower than its container beyond the noise band, one of the two is wrong,
+        and only this candidate is still loaded to be timed again.
+        """
+        candidate = summarize(seconds["candidate"])
+        if candidate.iqr_ms > self.noise_band * candidate.median_ms:
+            return True
+        anchor_ms = float(np.median(seconds["anchor"])) * 1e3
+        reference = anchor.reference_ms or anchor_ms
+        ranked = candidate.median_ms / anchor_ms * reference
+        limit = 1 + self.noise_band
+        for other, other_ms in self._recorded.items():
+            if other.shape_key == arch.shape_key:
+                continue
+            if contains(other, arch) and ranked > other_ms * limit:
+                return True  # slower than an architecture that contains it
+            if contains(arch, other) and other_ms > ranked * limit:
+                return True  # faster than one of its own sub-networks
+        return False
 
     def _anchor_build(self, inputs: dict[str, np.ndarray]) -> _Anchor:
         """Built once per evaluator, and kept loaded (its folder lives as long as it does)."""

@@ -25,14 +25,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
-import networkx as nx
 import optuna
 import pandas as pd
 
 from canao.errors import CanaoError
 from canao.nas.controllers import make_sampler
 from canao.nas.latency import LatencyPredictor, LatencyResult
-from canao.nas.space import ArchConfig, SearchSpace
+from canao.nas.space import ArchConfig, SearchSpace, contains
 from canao.nas.storage import open_storage, redact
 
 OBJECTIVES = ("soft", "hard", "pareto")
@@ -231,6 +230,7 @@ def _run_trial(
         if measured.anchor_ms is not None and measured.ratio is not None:
             trial.set_user_attr("latency_anchor_ms", round(measured.anchor_ms, 4))
             trial.set_user_attr("latency_ratio", round(measured.ratio, 4))
+            trial.set_user_attr("latency_retimed", measured.retimed)
         trial.set_user_attr("latency_cached", measured.cached)
         if measured.build_s:
             trial.set_user_attr("build_s", round(measured.build_s, 2))
@@ -315,6 +315,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
                 "latency_median_ms": attrs.get("latency_median_ms"),
                 "latency_anchor_ms": attrs.get("latency_anchor_ms"),
                 "latency_ratio": attrs.get("latency_ratio"),
+                "latency_retimed": attrs.get("latency_retimed"),
                 "build_s": attrs.get("build_s"),
                 "export_s": attrs.get("export_s"),
                 "kernels_compiled": attrs.get("kernels_compiled"),
@@ -325,28 +326,6 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
-
-
-def contains(outer: ArchConfig, inner: ArchConfig) -> bool:
-    """``inner`` is a sub-network of ``outer`` in every size latency follows.
-
-    Hidden size no larger, and each of inner's layers matched to a distinct layer of outer
-    with no more heads and no larger FFN (a bipartite matching: latency ignores layer order).
-    """
-    if inner.head_dim != outer.head_dim or inner.hidden_size > outer.hidden_size:
-        return False
-    if inner.num_layers > outer.num_layers:
-        return False
-    graph = nx.Graph()
-    left = [("inner", i) for i in range(inner.num_layers)]
-    graph.add_nodes_from(left)
-    graph.add_nodes_from(("outer", j) for j in range(outer.num_layers))
-    for i in range(inner.num_layers):
-        for j in range(outer.num_layers):
-            if inner.heads[i] <= outer.heads[j] and inner.ffn[i] <= outer.ffn[j]:
-                graph.add_edge(("inner", i), ("outer", j))
-    matching = nx.bipartite.maximum_matching(graph, top_nodes=left)
-    return all(node in matching for node in left)
 
 
 def monotonicity_violations(frame: pd.DataFrame, band: float) -> dict[str, object]:

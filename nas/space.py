@@ -337,3 +337,27 @@ class SearchSpace:
         ffn = pick(self.ffn_choices)
         ids = self.layer_ids(layers)
         return ArchConfig(hidden, (heads,) * layers, (ffn,) * layers, self.head_dim, ids)
+
+
+def contains(outer: ArchConfig, inner: ArchConfig) -> bool:
+    """``inner`` is a sub-network of ``outer`` in every size latency follows.
+
+    Hidden size no larger, and each of inner's layers matched to a distinct layer of outer
+    with no more heads and no larger FFN (a bipartite matching: latency ignores layer order).
+    """
+    if inner.head_dim != outer.head_dim or inner.hidden_size > outer.hidden_size:
+        return False
+    if inner.num_layers > outer.num_layers:
+        return False
+    import networkx as nx
+
+    graph = nx.Graph()
+    left = [("inner", i) for i in range(inner.num_layers)]
+    graph.add_nodes_from(left)
+    graph.add_nodes_from(("outer", j) for j in range(outer.num_layers))
+    for i in range(inner.num_layers):
+        for j in range(outer.num_layers):
+            if inner.heads[i] <= outer.heads[j] and inner.ffn[i] <= outer.ffn[j]:
+                graph.add_edge(("inner", i), ("outer", j))
+    matching = nx.bipartite.maximum_matching(graph, top_nodes=left)
+    return all(node in matching for node in left)

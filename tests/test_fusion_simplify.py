@@ -124,3 +124,30 @@ def test_non_scalar_constants_and_division_by_zero_are_left_alone() -> None:
             return b
 
     _check(Before, Before)
+
+
+def test_constant_weight_transposes_fold_in_numpy_like_fold_constant() -> None:
+    import numpy as np
+    from tvm import relax
+
+    from canao.fusion.algebraic import fold_constant_transposes
+
+    weight = np.arange(24, dtype="float32").reshape(2, 3, 4)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 3, 2), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            flipped = bb.emit(relax.op.permute_dims(relax.const(weight)))
+            swapped = bb.emit(relax.op.permute_dims(relax.const(weight), [0, 2, 1]))
+            out = bb.emit_output(relax.op.add(x, flipped))
+        bb.emit_func_output(relax.Tuple([out, swapped]))
+    before = bb.get()
+    ours = fold_constant_transposes()(before)
+    tvms = relax.transform.FoldConstant()(before)
+    tvm.ir.assert_structural_equal(ours, tvms)  # same constants, same graph
+    left = []
+    relax.analysis.post_order_visit(
+        ours["main"].body,
+        lambda n: left.append(n) if isinstance(n, relax.Call) and "permute" in str(n.op) else None,
+    )
+    assert not left

@@ -31,6 +31,22 @@ def test_candidates_are_compiled_checked_measured_and_cached(tmp_path: Path) -> 
     assert evaluator(large).median_ms > 0
 
 
+def test_a_candidate_links_kernels_an_earlier_one_compiled(tmp_path: Path) -> None:
+    evaluator = LatencyEvaluator(
+        TINY_BASE, seq=16, threads=1, protocol=Protocol(warmup=0, repeats=2)
+    )
+    two_layers = evaluator(ArchConfig(48, (3, 2), (96, 64), 16))
+    # Its one layer has the first layer's sizes: every kernel was compiled for the first.
+    one_layer = evaluator(ArchConfig(48, (3,), (96,), 16))
+    assert two_layers.kernels_compiled is not None and one_layer.kernels_compiled == 0
+    assert one_layer.max_abs_diff is not None and one_layer.max_abs_diff < 1e-4
+    assert one_layer.export_s > 0
+    whole = LatencyEvaluator(
+        TINY_BASE, seq=16, threads=1, protocol=Protocol(warmup=0, repeats=2), reuse_kernels=False
+    )(ArchConfig(48, (3,), (96,), 16))
+    assert whole.kernels_compiled is None and whole.max_abs_diff == one_layer.max_abs_diff
+
+
 def test_candidates_are_timed_beside_an_anchor(tmp_path: Path) -> None:
     from canao.latency.measure import threads_here
 
@@ -52,6 +68,28 @@ def test_candidates_are_timed_beside_an_anchor(tmp_path: Path) -> None:
     second = evaluator(ArchConfig(64, (4,), (128,), 16))
     assert second.anchored_ms == pytest.approx(second.ratio * first.anchor_ms)
     assert evaluator.cached(ArchConfig(32, (1,), (64,), 16)) == first.median_ms  # raw, cached
+
+
+def test_a_candidate_out_of_order_with_a_recorded_one_is_timed_again(tmp_path: Path) -> None:
+    from canao.latency.measure import threads_here
+
+    container = ArchConfig(64, (4, 2), (256, 128), 16)
+    evaluator = LatencyEvaluator(
+        TINY_BASE,
+        seq=16,
+        threads=threads_here(),
+        protocol=Protocol(warmup=0, repeats=4),
+        anchor=container,
+        noise_band=100.0,  # no spread is "wide": only the order decides
+        retime_limit=2,
+    )
+    calm = evaluator(ArchConfig(32, (1,), (64,), 16))
+    assert calm.retimed == 0
+    # A container recorded absurdly fast: its sub-network now looks out of order.
+    evaluator._recorded[container] = 1e-9
+    suspect = evaluator(ArchConfig(64, (2,), (128,), 16))
+    assert suspect.retimed == 2  # timed again up to the limit, the order still broken
+    assert suspect.max_abs_diff is not None and suspect.max_abs_diff < 1e-4
 
 
 def test_candidates_measured_on_a_board_that_serves_one_session_at_a_time() -> None:
