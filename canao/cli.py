@@ -225,6 +225,14 @@ def _add_search_parser(commands: argparse._SubParsersAction) -> None:
         type=float,
         help="skip candidates predicted slower than this multiple of the target",
     )
+    search.add_argument(
+        "--screen",
+        type=float,
+        metavar="FRACTION",
+        help="predictor screens: once fitted, build and time a candidate only when its "
+        "predicted reward is in the top FRACTION of those measured (e.g. 0.3); the rest "
+        "keep the predicted latency (trials.csv latency_source)",
+    )
     search.add_argument("--no-export", action="store_true", help="do not export the winner")
     search.add_argument("--rpc", metavar="HOST:PORT", help="remote device: RPC server or tracker")
     search.add_argument("--key", help="device key at the RPC tracker named by --rpc")
@@ -312,6 +320,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         precision=args.precision or "fp32",
         dev_limit=args.dev_limit,
         predictor_skip=args.predictor_skip,
+        screen=args.screen,
         rpc=_rpc_address(args),
         export_winner=not args.no_export,
     )

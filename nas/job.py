@@ -86,6 +86,7 @@ class SearchJob:
     precision: str = "fp32"
     dev_limit: int | None = None
     predictor_skip: float | None = None
+    screen: float | None = None  # predictor screens: measure the top fraction only
     rpc: RPCAddress | None = None
     export_winner: bool = True
     progress: bool = True
@@ -275,6 +276,7 @@ def check_job(job: SearchJob) -> None:
         objective=job.objective,
         latency_ms=1.0 if job.latency_ms is None else job.latency_ms,
         budget_minutes=job.budget_minutes,
+        screen=job.screen,
     )
     check_controller(job.controller, multi_objective=job.objective == "pareto")
     preflight(job.target, [job.pipeline], job.rpc, 20.0)
@@ -322,6 +324,7 @@ def run_job(job: SearchJob, log: Log = print) -> SearchOutcome:
         seed=job.seed,
         study_name=job.study_name,
         predictor_skip=job.predictor_skip,
+        screen=job.screen,
         budget_minutes=job.budget_minutes,
     )
     log(
@@ -371,6 +374,18 @@ def _trial_bar(job: SearchJob) -> Callable[[object], None] | None:
 DEFAULT_NOISE_BAND = 0.05
 
 
+def _latency_sources(frame: pd.DataFrame) -> dict[str, int]:
+    """Completed trials by where their latency came from: built and timed, or predicted."""
+    done = frame[frame["state"] == "COMPLETE"]
+    sources = done["latency_source"].fillna("measured") if "latency_source" in done else None
+    if sources is None:
+        return {"measured": len(done), "predicted": 0}
+    return {
+        "measured": int((sources != "predicted").sum()),
+        "predicted": int((sources == "predicted").sum()),
+    }
+
+
 def anchor_noise(frame: pd.DataFrame) -> dict[str, float | int] | None:
     """How much the same build (the anchor) moved between trials: the study's noise band.
 
@@ -417,6 +432,7 @@ def write_outputs(
         "trials": frame["state"].value_counts().to_dict(),
         "search_seconds_this_run": search_seconds,
         "predictor": predictor_report(study),  # type: ignore[arg-type]
+        "latency_sources": _latency_sources(frame),
         "latency_noise": noise,
         "monotonicity": monotonicity_violations(
             frame, noise["band"] if noise else DEFAULT_NOISE_BAND

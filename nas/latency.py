@@ -63,6 +63,7 @@ class LatencyResult:
     anchor_ms: float | None = None
     anchored_ms: float | None = None  # ratio x the anchor's first median: ranks candidates
     retimed: int = 0  # times timed again (wide spread, or out of order with a sub-network)
+    predicted: bool = False  # the predictor's latency, not built or timed (search --screen)
 
     @property
     def ratio(self) -> float | None:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
+import numpy as np
 import optuna
 import pandas as pd
 
@@ -64,6 +65,10 @@ class SearchSettings:
     # target, once the predictor has `predictor_min_points` measurements (None: never).
     predictor_skip: float | None = None
     predictor_min_points: int = 20
+    # Predictor screens (scalar objectives): once fitted, a candidate is built and timed only
+    # when its reward with the predicted latency is within the top `screen` fraction of the
+    # measured rewards so far; the others are scored with the predicted latency (None: off).
+    screen: float | None = None
     # Wall-clock minutes this worker spends in the trial loop (None: no limit). Checked
     # before each new trial: one started in time runs to its end.
     budget_minutes: float | None = None
@@ -77,6 +82,11 @@ class SearchSettings:
             raise SearchConfigError(f"latency target must be positive, got {self.latency_ms} ms")
         if self.trials < 1:
             raise SearchConfigError(f"trials must be >= 1, got {self.trials}")
+        if self.screen is not None:
+            if not 0 < self.screen <= 1:
+                raise SearchConfigError(f"--screen must be in (0, 1], got {self.screen}")
+            if self.objective == "pareto":
+                raise SearchConfigError("--screen needs a scalar reward (objective soft or hard)")
         if self.budget_minutes is not None and not self.budget_minutes > 0:
             raise SearchConfigError(f"--budget-minutes must be positive, got {self.budget_minutes}")
 
@@ -219,7 +229,7 @@ def _run_trial(
             trial.set_user_attr("skipped", "predicted latency over the limit")
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             return
-        accuracy, measured = _evaluate(study, evaluator, arch)
+        accuracy, measured = _evaluate(study, evaluator, arch, settings, predicted)
         trial.set_user_attr("accuracy", accuracy)
         for name, value in _other_metrics(evaluator, arch).items():
             trial.set_user_attr(name, value)
@@ -232,6 +242,7 @@ def _run_trial(
             trial.set_user_attr("latency_ratio", round(measured.ratio, 4))
             trial.set_user_attr("latency_retimed", measured.retimed)
         trial.set_user_attr("latency_cached", measured.cached)
+        trial.set_user_attr("latency_source", "predicted" if measured.predicted else "measured")
         if measured.build_s:
             trial.set_user_attr("build_s", round(measured.build_s, 2))
             trial.set_user_attr("export_s", round(measured.export_s, 2))
@@ -262,15 +273,47 @@ def _hopeless(predicted: float | None, settings: SearchSettings) -> bool:
 
 
 def _evaluate(
-    study: optuna.Study, evaluator: CandidateEvaluator, arch: ArchConfig
+    study: optuna.Study,
+    evaluator: CandidateEvaluator,
+    arch: ArchConfig,
+    settings: SearchSettings,
+    predicted: float | None,
 ) -> tuple[float, LatencyResult]:
-    """Score ``arch``, reusing an earlier trial of the same architecture (controllers repeat)."""
+    """Score ``arch``, reusing an earlier trial of the same architecture (controllers repeat).
+
+    With ``settings.screen``, a candidate the predictor already places out of the running
+    is not built: its latency is the prediction.
+    """
     for done in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        if done.user_attrs.get("arch") == arch.key:
+        if done.user_attrs.get("arch") == arch.key and _was_measured(done):
             return done.user_attrs["accuracy"], LatencyResult(
                 done.user_attrs["latency_ms"], cached=True
             )
-    return evaluator.accuracy(arch), evaluator.latency(arch)
+    accuracy = evaluator.accuracy(arch)
+    if predicted is not None and _screened_out(study, accuracy, predicted, settings):
+        return accuracy, LatencyResult(predicted, cached=False, predicted=True)
+    return accuracy, evaluator.latency(arch)
+
+
+def _was_measured(trial: optuna.trial.FrozenTrial) -> bool:
+    return trial.user_attrs.get("latency_source", "measured") == "measured"
+
+
+def _screened_out(
+    study: optuna.Study, accuracy: float, predicted: float, settings: SearchSettings
+) -> bool:
+    """Predicted reward below the top ``screen`` fraction of the measured rewards."""
+    if settings.screen is None:
+        return False
+    measured = [
+        t.values[0]
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if _was_measured(t) and t.values
+    ]
+    if len(measured) < settings.predictor_min_points:
+        return False
+    threshold = float(np.quantile(measured, 1 - settings.screen))
+    return _values(accuracy, predicted, settings)[0] < threshold
 
 
 def _values(accuracy: float, latency_ms: float, settings: SearchSettings) -> list[float]:
@@ -290,7 +333,8 @@ def measured_points(study: optuna.Study) -> tuple[list[ArchConfig], list[float]]
     seen: dict[str, float] = {}
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         key, latency = trial.user_attrs.get("arch"), trial.user_attrs.get("latency_ms")
-        if key and latency and key not in seen:
+        # A screened-out trial's latency is the predictor's own: never its training data.
+        if key and latency and key not in seen and _was_measured(trial):
             seen[key] = float(latency)
     return [ArchConfig.from_key(k) for k in seen], list(seen.values())
 
@@ -320,6 +364,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
                 "export_s": attrs.get("export_s"),
                 "kernels_compiled": attrs.get("kernels_compiled"),
                 "predicted_ms": attrs.get("predicted_ms"),
+                "latency_source": attrs.get("latency_source"),
                 "reward": trial.values[0] if trial.values and len(trial.values) == 1 else None,
                 "worker": attrs.get("worker"),
                 "error": attrs.get("error") or attrs.get("skipped"),
@@ -335,6 +380,8 @@ def monotonicity_violations(frame: pd.DataFrame, band: float) -> dict[str, objec
     container by more than the noise band means a latency in the reward is wrong.
     """
     done = frame[(frame["state"] == "COMPLETE") & frame["latency_ms"].notna()]
+    if "latency_source" in done:
+        done = done[done["latency_source"] != "predicted"]  # only timings can be out of order
     latency = done.groupby("arch")["latency_ms"].first().astype(float).to_dict()
     archs = {key: ArchConfig.from_key(key) for key in latency}
     pairs, worst = 0, []

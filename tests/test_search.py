@@ -11,13 +11,14 @@ import optuna
 import pandas as pd
 import pytest
 
-from canao.nas.latency import LatencyPredictor, features
+from canao.nas.latency import LatencyPredictor, LatencyResult, features
 from canao.nas.search import (
     ABANDONED,
     SearchConfigError,
     SearchSettings,
     best_trial,
     budget_used,
+    measured_points,
     pareto_front,
     predictor_report,
     reward,
@@ -53,6 +54,8 @@ def test_mnasnet_rewards() -> None:
         ({"latency_ms": 0.0}, "latency target must be positive"),
         ({"trials": 0}, "trials must be >= 1"),
         ({"budget_minutes": 0.0}, "--budget-minutes must be positive"),
+        ({"screen": 0.0}, "--screen must be in"),
+        ({"screen": 0.5, "objective": "pareto"}, "--screen needs a scalar reward"),
     ],
 )
 def test_bad_settings(fields: dict[str, object], message: str) -> None:
@@ -121,6 +124,37 @@ def test_predictor_recovers_per_kernel_costs_and_reports_held_out_error() -> Non
     assert np.mean(errors) < 0.02
     assert LatencyPredictor().holdout_mape(archs, latency) < 0.03
     assert LatencyPredictor().holdout_mape(archs[:5], latency[:5]) is None
+
+
+class CountingEvaluator(FakeEvaluator):
+    def __init__(self) -> None:
+        super().__init__()
+        self.timed: list[ArchConfig] = []
+
+    def latency(self, arch: ArchConfig) -> LatencyResult:
+        self.timed.append(arch)
+        return super().latency(arch)
+
+
+def test_predictor_screens_and_only_promising_candidates_are_built() -> None:
+    evaluator = CountingEvaluator()
+    study = run_search(
+        SPACE,
+        evaluator,
+        settings(trials=60, predictor_min_points=10, screen=0.3, controller="random"),
+        None,
+    )
+    frame = trials_frame(study)
+    done = frame[frame["state"] == "COMPLETE"]
+    predicted = done[done["latency_source"] == "predicted"]
+    measured = done[done["latency_source"] == "measured"]
+    assert len(predicted) > 0 and len(measured) == len(evaluator.timed)
+    assert (predicted["latency_ms"] == predicted["predicted_ms"]).all()
+    # Screened out: below the top 30% of measured rewards, so never the winner.
+    assert frame.loc[frame["reward"].idxmax(), "latency_source"] == "measured"
+    # The predictor is fitted on timings only, never on its own predictions.
+    archs, _ = measured_points(study)
+    assert {a.key for a in archs} <= set(measured["arch"])
 
 
 def test_predictions_appear_beside_measurements_and_can_skip() -> None:

@@ -116,6 +116,8 @@ def test_candidates_measured_on_a_board_that_serves_one_session_at_a_time() -> N
         (["--latency-ms", "-1"], "latency target must be positive"),
         (["--task", "no-such-task"], "unknown task 'no-such-task'"),
         (["--target", "riscv"], "unknown target 'riscv'"),
+        (["--screen", "1.5"], "--screen must be in"),
+        (["--objective", "pareto", "--screen", "0.3"], "--screen needs a scalar reward"),
         (["--target", "arm64"], "no arm64 device on this machine"),
     ],
 )
