@@ -123,7 +123,6 @@ class LatencyEvaluator:
     noise_band: float = 0.05
     retime_limit: int = 2
     _anchor: _Anchor | None = field(default=None, init=False, repr=False)
-    _export_s: float = field(default=0.0, init=False, repr=False)
     # Anchored latency (ms) of each architecture this evaluator measured: the order check.
     _recorded: dict[ArchConfig, float] = field(default_factory=dict, init=False, repr=False)
 
@@ -145,7 +144,7 @@ class LatencyEvaluator:
         spec = InputSpec(self.batch, self.seq)
         inputs = example_inputs(self.base.vocab_size, self.batch, self.seq)
         with tempfile.TemporaryDirectory(prefix="canao-candidate-") as tmp:
-            compiled, library = self._build(arch, Path(tmp))
+            compiled, library, export_s = self._build(arch, Path(tmp))
             workload = Workload(
                 library=library,
                 model=arch.shape_key,
@@ -180,7 +179,7 @@ class LatencyEvaluator:
             median,
             cached=False,
             build_s=compiled.build_seconds,
-            export_s=self._export_s,
+            export_s=export_s,
             kernels_compiled=stats.compiled if stats is not None else None,
             launches=compiled.kernels.kernel_launches,
             max_abs_diff=diff,
@@ -189,8 +188,11 @@ class LatencyEvaluator:
             retimed=retimed,
         )
 
-    def _build(self, arch: ArchConfig, folder: Path) -> tuple[CompiledModel, Path]:
-        """The candidate's shipped artifact, checked against PyTorch before it is timed."""
+    def _build(self, arch: ArchConfig, folder: Path) -> tuple[CompiledModel, Path, float]:
+        """The candidate's shipped artifact, checked against PyTorch before it is timed.
+
+        Returns the build, its library and the seconds export took.
+        """
         loaded = load_model(random_model(arch, self.base))
         compiled = compile_model(
             loaded,
@@ -201,7 +203,7 @@ class LatencyEvaluator:
         )
         start = time.perf_counter()
         library = export_library(compiled, folder / "model.so")
-        self._export_s = time.perf_counter() - start
+        export_s = time.perf_counter() - start
         if self.rpc is not None:
             # Closed before measure() connects: a board serves one session at a time.
             with remote_runner(
@@ -210,7 +212,7 @@ class LatencyEvaluator:
                 verify(compiled, lambda x: runner.run(x, INPUT_NAMES), self.rpc.label)
         else:
             verify_locally(compiled)
-        return compiled, library
+        return compiled, library, export_s
 
     def _kernel_cache(self) -> KernelCache | None:
         spec = get_target(self.target)
@@ -289,7 +291,7 @@ class LatencyEvaluator:
         if self._anchor is None:
             assert self.anchor is not None
             folder = tempfile.TemporaryDirectory(prefix="canao-anchor-")
-            compiled, library = self._build(self.anchor, Path(folder.name))
+            compiled, library, _ = self._build(self.anchor, Path(folder.name))
             runner = local_runner(library, compiled.target.device_type)
             self._anchor = _Anchor(folder, runner, runner.bind(inputs, INPUT_NAMES))
         return self._anchor

@@ -80,3 +80,45 @@ def test_runs_on_emulated_arm_board_with_matching_outputs(tmp_path: Path) -> Non
         )
         assert run.measurement.device == address.label and len(run.measurement.repeats_ms) == 2
         assert run.output is not None and run.output.shape == (1, 8, 32)
+
+
+def test_cross_compiled_from_the_kernel_cache(tmp_path: Path, tiny_config: Path) -> None:
+    from canao.compiler.build import export_library
+    from canao.compiler.kernel_cache import KernelCache
+    from canao.compiler.targets import get_target
+
+    cache = KernelCache(str(get_target("arm64").tvm_target()))
+    for name in ("first", "again"):
+        compiled = compile_model(
+            load_model(tiny_config), "arm64", "fast", InputSpec(1, 16), kernel_cache=cache
+        )
+        library = export_library(compiled, tmp_path / name / "model.so")
+        assert elf_machine(library) == EM_AARCH64
+    assert compiled.cached is not None and compiled.cached.stats.compiled == 0
+
+
+@pytest.mark.slow
+def test_search_candidates_linked_from_cached_kernels_run_on_the_emulated_board() -> None:
+    from transformers import BertConfig
+
+    from canao.latency.arm_emulation import EmulatedRPCServer, qemu_available
+    from canao.nas.latency import LatencyEvaluator
+    from canao.nas.space import ArchConfig
+
+    reason = qemu_available()
+    if reason is not None:
+        pytest.skip(f"no ARM emulation here: {reason}")
+    base = BertConfig(vocab_size=200, max_position_embeddings=32)
+    with EmulatedRPCServer() as board:
+        evaluator = LatencyEvaluator(
+            base,
+            target="arm64",
+            seq=8,
+            protocol=Protocol(warmup=0, repeats=2),
+            rpc=RPCAddress(board.host, board.port),
+            rpc_timeout_s=120,
+        )
+        evaluator(ArchConfig(32, (2, 1), (64, 32), 16))
+        linked = evaluator(ArchConfig(32, (2,), (64,), 16))  # every kernel from the first
+    assert linked.kernels_compiled == 0
+    assert linked.max_abs_diff is not None and linked.max_abs_diff < 1e-4
