@@ -18,7 +18,6 @@ share one symbol and no two different kernels ever share a name.
 from __future__ import annotations
 
 import functools
-import os
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -219,8 +218,3 @@ def export_cached(build: CachedBuild, path: Path, fcompile: Any | None = None) -
         link = fcompile or cc.create_shared
         link(str(path), [*map(str, build.object_files), str(packed)])
     return path
-
-
-def cache_enabled() -> bool:
-    """``CANAO_KERNEL_CACHE=0`` builds every kernel afresh (the reference path)."""
-    return os.environ.get("CANAO_KERNEL_CACHE", "1") != "0"
