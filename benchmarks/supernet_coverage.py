@@ -18,6 +18,10 @@ Recipes (``--recipes``, comma-separated):
 - ``kept-map``: as ``hidden-lr``, each kept layer matched to the teacher's layer at its own
   position instead of TinyBERT's uniform block mapping; ``kept-map-heads``: and depth heads.
 
+Each recipe is also scored with its read-out calibrated (``--calibrate N``, rows
+``<recipe>+cal<N>``): every sub-network's classifier refitted on N training examples before
+it is scored (canao.nas.calibrate), the same trained weights otherwise.
+
     python benchmarks/supernet_coverage.py [--task movie-reviews] [--steps 200] [--archs 16]
 
 Prints the table; writes benchmarks/results/supernet_coverage.{csv,md}.
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import random
 import time
 
@@ -34,6 +39,7 @@ import pandas as pd
 import torch
 from _results import RESULTS, header, publish
 
+from canao.nas.calibrate import calibrate_readout
 from canao.nas.distill import SupernetConfig, load_teacher, train_supernet
 from canao.nas.finetune import FinetuneConfig, finetune, predict_labels
 from canao.nas.metrics import majority_scores
@@ -85,6 +91,13 @@ def main() -> None:
     parser.add_argument("--archs", type=int, default=16, help="seeded samples of the space")
     parser.add_argument("--dev-limit", type=int, default=500)
     parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument(
+        "--calibrate",
+        type=int,
+        default=512,
+        help="also score each recipe with its read-out refitted on this many training "
+        "examples (row '<recipe>+cal<N>'; 0: off)",
+    )
     args = parser.parse_args()
     data = load_task(args.task)
     dev = data["dev"]
@@ -109,12 +122,20 @@ def main() -> None:
         supernet = train_supernet(teacher_path, data["train"], args.task, space, config)
         # Training time as measured when the super-network was trained (it may come from the cache).
         seconds = float(supernet.info.get("seconds", time.perf_counter() - started))
-        for arch in architectures(space, args.archs, seed=0):
-            score = accuracy(extract(supernet.model, arch), tokenizer, dev)
-            print(f"{recipe:10s} {arch.key:60s} {score:.4f}", flush=True)
+        scorings = [(recipe, 0)]
+        if args.calibrate > 0:
+            scorings.append((f"{recipe}+cal{args.calibrate}", args.calibrate))
+        for arch, (name, examples) in itertools.product(
+            architectures(space, args.archs, seed=0), scorings
+        ):
+            model = calibrate_readout(
+                extract(supernet.model, arch), tokenizer, data["train"], examples
+            )
+            score = accuracy(model, tokenizer, dev)
+            print(f"{name:10s} {arch.key:60s} {score:.4f}", flush=True)
             rows.append(
                 {
-                    "recipe": recipe,
+                    "recipe": name,
                     "arch": arch.key,
                     "layers": arch.num_layers,
                     "params_m": round(arch.encoder_params() / 1e6, 2),

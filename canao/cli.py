@@ -221,6 +221,14 @@ def _add_search_parser(commands: argparse._SubParsersAction) -> None:
     )
     search.add_argument("--dev-limit", type=int, help="score candidates on the first N dev rows")
     search.add_argument(
+        "--calibrate",
+        type=int,
+        default=512,
+        metavar="N",
+        help="refit each candidate's classifier on N training examples before it is scored "
+        "(read-out calibration; 0: score the shared read-out)",
+    )
+    search.add_argument(
         "--predictor-skip",
         type=float,
         help="skip candidates predicted slower than this multiple of the target",
@@ -319,6 +327,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         retrain_top=args.retrain_top,
         precision=args.precision or "fp32",
         dev_limit=args.dev_limit,
+        calibrate=args.calibrate,
         predictor_skip=args.predictor_skip,
         screen=args.screen,
         rpc=_rpc_address(args),

@@ -26,6 +26,7 @@ from canao.compiler.quantized import quantized_reference
 from canao.latency.cache import LatencyCache
 from canao.latency.protocol import Protocol
 from canao.latency.rpc import RPCAddress
+from canao.nas.calibrate import calibrate_readout
 from canao.nas.controllers import check_controller
 from canao.nas.distill import (
     SuperNet,
@@ -39,6 +40,7 @@ from canao.nas.latency import LatencyEvaluator, LatencyResult
 from canao.nas.metrics import beats_majority, compute, describe, majority_scores, metric_names
 from canao.nas.retrain import RetrainConfig, retrain
 from canao.nas.search import (
+    SearchConfigError,
     SearchSettings,
     best_trial,
     monotonicity_violations,
@@ -85,6 +87,10 @@ class SearchJob:
     # PyTorch), the winner exported int8: the search optimises what ships.
     precision: str = "fp32"
     dev_limit: int | None = None
+    # Read-out calibration (nas/calibrate.py): each cut-out sub-network's classifier is
+    # refitted on this many training examples before it is scored, retrained or exported;
+    # 0 scores the shared read-out as it is.
+    calibrate: int = 512
     predictor_skip: float | None = None
     screen: float | None = None  # predictor screens: measure the top fraction only
     rpc: RPCAddress | None = None
@@ -116,6 +122,17 @@ class SupernetEvaluator:
     majority: dict[str, float] = field(default_factory=dict)
     train: Split | None = None  # what the winner is retrained on
     int8: bool = False  # score each model quantized as the int8 build computes it
+    calibrate: int = 0  # training examples the read-out is refitted on (0: shared read-out)
+
+    def sub_network(self, arch: ArchConfig) -> torch.nn.Module:
+        """``arch`` cut out of the super-network, its read-out calibrated: what is scored,
+        retrained and exported."""
+        model = extract(self.supernet.model, arch)
+        if self.calibrate > 0 and self.train is not None:
+            calibrate_readout(
+                model, self.supernet.tokenizer, self.train, self.calibrate, self.max_length
+            )
+        return model
 
     def accuracy(self, arch: ArchConfig) -> float:
         return self.metrics(arch)["accuracy"]
@@ -124,11 +141,12 @@ class SupernetEvaluator:
         """Cached per (super-network, dev split, metrics, architecture): controllers revisit."""
         key = f"{self._dev_key()}|{self.max_length}|{','.join(self.metric_names)}|{arch.key}"
         key += "|int8" if self.int8 else ""
+        key += f"|calibrate{self.calibrate}" if self.calibrate > 0 else ""
         with self._store() as db:
             hit = db.execute("SELECT metrics FROM metrics WHERE key = ?", (key,)).fetchone()
         if hit is not None:
             return dict(json.loads(hit[0]))
-        values = self.score_model(extract(self.supernet.model, arch))
+        values = self.score_model(self.sub_network(arch))
         with self._store() as db:
             db.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?)", (key, json.dumps(values)))
         return values
@@ -221,6 +239,7 @@ def prepare(job: SearchJob, log: Log) -> SupernetEvaluator:
         majority=majority,
         train=data["train"],
         int8=job.precision == "int8",
+        calibrate=job.calibrate,
     )
 
 
@@ -279,6 +298,8 @@ def check_job(job: SearchJob) -> None:
         screen=job.screen,
     )
     check_controller(job.controller, multi_objective=job.objective == "pareto")
+    if job.calibrate < 0:
+        raise SearchConfigError(f"--calibrate must be 0 or more examples, got {job.calibrate}")
     preflight(job.target, [job.pipeline], job.rpc, 20.0)
     if job.rpc is None:
         _require_local_device(job.target)
@@ -582,7 +603,7 @@ def retrain_front(
     """
     rows, best = [], None
     for row in retrain_candidates(front, winner, job.retrain_top, settings.latency_ms):
-        model = extract(evaluator.supernet.model, ArchConfig.from_key(str(row["arch"])))
+        model = evaluator.sub_network(ArchConfig.from_key(str(row["arch"])))
         info = retrain_winner(evaluator, model, job, log, what=f"candidate {row['arch']}")
         assert info is not None  # retrain.steps > 0 and a training split: checked by the caller
         rows.append(
@@ -632,7 +653,7 @@ def export_winner(
     arch = ArchConfig.from_key(str(winner["arch"]))
     folder = job.out / "winner"
     if model is None:
-        model = extract(evaluator.supernet.model, arch)
+        model = evaluator.sub_network(arch)
         retrained = retrain_winner(evaluator, model, job, log)
         if retrained is not None:
             summary["retrain"] = retrained  # into summary.json and the winner's report
