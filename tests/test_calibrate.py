@@ -71,8 +71,8 @@ def test_evaluator_scores_the_calibrated_sub_network(tmp_path: Path) -> None:
     assert calibrated.accuracy(arch) > max(shared, 0.9)
     # The shared read-out's cached score is not served for the calibrated one, nor back.
     assert evaluator.accuracy(arch) == shared
-    weights = calibrated.sub_network(arch).classifier.weight
-    assert not np.allclose(weights.detach(), extract(supernet.model, arch).classifier.weight.detach())
+    refitted = calibrated.sub_network(arch).classifier.weight.detach()
+    assert not np.allclose(refitted, extract(supernet.model, arch).classifier.weight.detach())
 
 
 def test_negative_calibrate_is_refused_before_training(tmp_path: Path) -> None:
