@@ -70,7 +70,7 @@ def kernel_rows(compiled: object, peak: float, model: str, seq: int) -> list[dic
     """Each int8 dense kernel of a build, timed alone at its shape, as a fraction of peak."""
     import tvm
 
-    from canao.compiler.schedules.dense_int8 import Int8Tiling, dense_int8_primfunc
+    from canao.compiler.schedules.dense_int8 import ISAS, Int8Tiling, dense_int8_primfunc
     from canao.compiler.targets import get_target
 
     rows = []
@@ -79,10 +79,13 @@ def kernel_rows(compiled: object, peak: float, model: str, seq: int) -> list[dic
         name = gvar.name_hint
         if not name.startswith("canao_dense_int8_"):
             continue
-        epilogue, shape = name.removeprefix("canao_dense_int8_").rsplit("_", 1)
+        rest = name.removeprefix("canao_dense_int8_")
+        isa = next(i for i in ISAS if rest.startswith(i.replace("-", "_") + "_"))
+        epilogue, shape = rest.removeprefix(isa.replace("-", "_") + "_").rsplit("_", 1)
         m, kp, n = (int(v) for v in shape.split("x"))
+        tiling = Int8Tiling.for_isa(isa)
         lib = tvm.compile(
-            tvm.IRModule({"main": dense_int8_primfunc(m, kp, n, epilogue, Int8Tiling())}),
+            tvm.IRModule({"main": dense_int8_primfunc(m, kp, n, epilogue, tiling)}),
             target=target,
         )
         dev, rng = tvm.cpu(), np.random.default_rng(0)
@@ -91,7 +94,10 @@ def kernel_rows(compiled: object, peak: float, model: str, seq: int) -> list[dic
             tvm.runtime.tensor(np.full(m, 0.01, np.float32), dev),
             tvm.runtime.tensor(np.full(m, 128, np.float32), dev),
             tvm.runtime.tensor(
-                rng.integers(-127, 127, (n // 16, kp // 4, 16, 4), dtype=np.int8), dev
+                rng.integers(
+                    -127, 127, (n // tiling.lanes, kp // 4, tiling.lanes, 4), dtype=np.int8
+                ),
+                dev,
             ),
             tvm.runtime.tensor(np.zeros(n, np.int32), dev),
             tvm.runtime.tensor(np.full(n, 0.01, np.float32), dev),

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from _results import header, publish
 
+from canao.nas.calibrate import calibrate_readout
 from canao.nas.distill import SupernetConfig, batches, load_teacher, train_supernet
 from canao.nas.finetune import FinetuneConfig, finetune, predict_labels
 from canao.nas.retrain import RetrainConfig, retrain
@@ -83,6 +84,13 @@ def main() -> None:
     parser.add_argument("--supernet-steps", type=int, default=200)
     parser.add_argument("--standalone-steps", type=int, default=200)
     parser.add_argument("--dev-limit", type=int, default=500)
+    parser.add_argument(
+        "--calibrate",
+        type=int,
+        default=512,
+        help="also rank by the slices' accuracy with their read-out refitted on this many "
+        "training examples (the search's default scoring; 0: off)",
+    )
     args = parser.parse_args()
     data = load_task(args.task)
     dev = Split(
@@ -111,6 +119,17 @@ def main() -> None:
     rows = []
     for arch in spread(supernet.space, args.archs, seed=0):
         shared = accuracy(extract(supernet.model, arch), tokenizer, dev)
+        calibrated = accuracy(
+            calibrate_readout(
+                extract(supernet.model, arch),
+                tokenizer,
+                data["train"],
+                args.calibrate,
+                config.max_length,
+            ),
+            tokenizer,
+            dev,
+        )
         alone, _ = retrain(
             extract(ordered, arch),
             teacher_path,
@@ -122,12 +141,28 @@ def main() -> None:
             ),
         )
         standalone = accuracy(alone, tokenizer, dev)
-        print(f"{arch.key:64s} super-net {shared:.4f} standalone {standalone:.4f}", flush=True)
-        rows.append({"arch": arch.key, "supernet_acc": shared, "standalone_acc": standalone})
+        print(
+            f"{arch.key:64s} super-net {shared:.4f} calibrated {calibrated:.4f} "
+            f"standalone {standalone:.4f}",
+            flush=True,
+        )
+        rows.append(
+            {
+                "arch": arch.key,
+                "supernet_acc": shared,
+                "supernet_calibrated_acc": calibrated,
+                "standalone_acc": standalone,
+            }
+        )
     table = pd.DataFrame(rows)
     tau = kendall_tau(list(table["supernet_acc"]), list(table["standalone_acc"]))
+    tau_calibrated = kendall_tau(
+        list(table["supernet_calibrated_acc"]), list(table["standalone_acc"])
+    )
     title = (
         f"Super-network ranking on {args.task} dev ({len(dev)} examples): Kendall tau {tau:.3f} "
+        f"with the shared read-out, {tau_calibrated:.3f} with each slice's read-out calibrated "
+        f"on {args.calibrate} training examples, "
         f"over {len(table)} architectures; super-network {args.supernet_steps} steps, "
         f"standalone distillation {args.standalone_steps} steps each. "
         f"{header('torch threads: default')}"

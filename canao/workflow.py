@@ -48,7 +48,7 @@ def can_run_locally(compiled: CompiledModel) -> bool:
     """True where this machine can execute the build (x86 here; cuda with a GPU)."""
     import tvm
 
-    if compiled.target.name == "arm64":
+    if compiled.target.is_cross:
         return False
     return bool(tvm.device(compiled.target.device_type, 0).exist)
 

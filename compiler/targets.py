@@ -46,6 +46,11 @@ class TargetSpec:
     def tvm_target(self) -> object:
         return self.make_tvm_target()
 
+    @property
+    def is_cross(self) -> bool:
+        """Built here for another machine (arm64): it runs there, over RPC, not here."""
+        return self.cross_compiler is not None
+
     def linker(self) -> Callable[..., None] | None:
         """The ``fcompile`` for ``export_library``; None means TVM's host default."""
         if self.cross_compiler is None:
@@ -114,10 +119,14 @@ def _host_cpu_target() -> object:
     )
 
 
-def _aarch64_target() -> object:
-    import tvm
+def _aarch64_target(*features: str) -> Callable[[], object]:
+    def make() -> object:
+        import tvm
 
-    return tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
+        mattr = ["+neon", *(f"+{feature}" for feature in features)]
+        return tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": mattr})
+
+    return make
 
 
 def _cuda_target() -> object:
@@ -141,7 +150,18 @@ TARGETS: dict[str, TargetSpec] = {
         "arm64",
         "64-bit ARM Linux with NEON (LLVM aarch64, cross-linked with aarch64-linux-gnu-gcc)",
         "cpu",
-        _aarch64_target,
+        _aarch64_target(),
+        cross_compiler="aarch64-linux-gnu-gcc",
+        triple="aarch64-linux-gnu",
+        compiler_package="gcc-aarch64-linux-gnu",
+    ),
+    # ARMv8.2+ cores (Cortex-A55/A76 and later: phones since 2018, Raspberry Pi 5) have the
+    # dot-product instructions: int8 builds run on sdot instead of widening multiplies.
+    "arm64-dotprod": TargetSpec(
+        "arm64-dotprod",
+        "64-bit ARM Linux with NEON and dotprod (ARMv8.2+: int8 on sdot)",
+        "cpu",
+        _aarch64_target("dotprod"),
         cross_compiler="aarch64-linux-gnu-gcc",
         triple="aarch64-linux-gnu",
         compiler_package="gcc-aarch64-linux-gnu",

@@ -317,7 +317,7 @@ def _require_local_device(target: str) -> None:
     from canao.errors import DeviceUnreachableError
 
     spec = get_target(target)
-    if target == "arm64" or not tvm.device(spec.device_type, 0).exist:
+    if spec.is_cross or not tvm.device(spec.device_type, 0).exist:
         raise DeviceUnreachableError(
             f"no {target} device on this machine to measure candidates on: "
             "pass --rpc HOST:PORT (and --key NAME for a tracker) to measure on one"

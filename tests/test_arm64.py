@@ -122,3 +122,33 @@ def test_search_candidates_linked_from_cached_kernels_run_on_the_emulated_board(
         linked = evaluator(ArchConfig(32, (2,), (64,), 16))  # every kernel from the first
     assert linked.kernels_compiled == 0
     assert linked.max_abs_diff is not None and linked.max_abs_diff < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["arm64-dotprod", "arm64"])
+def test_int8_build_runs_on_the_emulated_board_and_matches_its_reference(
+    tmp_path: Path, target: str
+) -> None:
+    """sdot (dotprod) and widening-multiply (NEON) int8 builds, run as aarch64 code."""
+    from canao.latency.arm_emulation import EmulatedRPCServer, qemu_available
+
+    reason = qemu_available()
+    if reason is not None:
+        pytest.skip(f"no ARM emulation here: {reason}")
+    config = write_config(
+        tmp_path, num_hidden_layers=1, hidden_size=64, intermediate_size=128, vocab_size=200
+    )
+    with EmulatedRPCServer() as board:
+        address = RPCAddress(board.host, board.port)
+        compiled = workflow.compile_and_verify(
+            str(config), target, "fast-int8", seq=8, rpc=address, rpc_timeout_s=180
+        )
+    numerics = compiled.numerics
+    assert numerics is not None and numerics["device"] == address.label
+    assert numerics["max_abs_diff"] <= numerics["tolerance"]  # type: ignore[operator]
+    assert "quantized" in str(numerics["reference"])
+    kernels = [str(gv.name_hint) for gv in compiled.lowered.functions]
+    isa = "neon_dot" if target == "arm64-dotprod" else "neon"
+    assert any(name.startswith(f"canao_dense_int8_{isa}_") for name in kernels), kernels
+    signed = "s8" if target == "arm64-dotprod" else "u8"
+    assert any(name.startswith(f"canao_quantize_{signed}") for name in kernels), kernels

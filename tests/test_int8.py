@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -38,23 +39,30 @@ def _host_has_vnni() -> bool:
 pytestmark = pytest.mark.skipif(not _host_has_vnni(), reason="this CPU has no AVX-512 VNNI")
 
 
-def run_kernel(x: np.ndarray, w: np.ndarray, b: np.ndarray, epilogue: str) -> tuple:
-    """Quantize + int8 GEMM as the pass lays them out (K and N padded); (output, asm)."""
+def run_kernel(
+    x: np.ndarray, w: np.ndarray, b: np.ndarray, epilogue: str, isa: str = "avx512-vnni"
+) -> tuple:
+    """Quantize + int8 GEMM as the pass lays them out (K and N padded); (output, asm).
+
+    This host (AVX-512 VNNI and VL) runs every x86 path: the 256-bit one in its EVEX form.
+    """
     import tvm
 
-    tiling = Int8Tiling()
+    tiling = Int8Tiling.for_isa(isa)
     m, k = x.shape
     n = w.shape[1]
     kp, wide = padded(k, GROUP), padded(n, tiling.nb)
     qw, sw = quantize_weight(w)
     target = get_target("x86").tvm_target()
-    quant = tvm.compile(tvm.IRModule({"main": quantize_primfunc(m, k)}), target=target)
+    quant = tvm.compile(
+        tvm.IRModule({"main": quantize_primfunc(m, k, tiling.signed)}), target=target
+    )
     gemm = tvm.compile(
         tvm.IRModule({"main": dense_int8_primfunc(m, kp, wide, epilogue, tiling)}),
         target=target,
     )
     dev = tvm.cpu()
-    qa = tvm.runtime.empty((m, kp), "uint8", dev)
+    qa = tvm.runtime.empty((m, kp), tiling.spec.activation_dtype, dev)
     sa, za = (tvm.runtime.empty((m,), "float32", dev) for _ in range(2))
     quant["main"](tvm.runtime.tensor(x, dev), qa, sa, za)
     padded_qw = np.pad(qw, ((0, 0), (0, wide - n)))
@@ -62,7 +70,7 @@ def run_kernel(x: np.ndarray, w: np.ndarray, b: np.ndarray, epilogue: str) -> tu
         qa,
         sa,
         za,
-        tvm.runtime.tensor(pack_int8_weight(padded_qw, tiling.nb), dev),
+        tvm.runtime.tensor(pack_int8_weight(padded_qw, tiling), dev),
         tvm.runtime.tensor(padded_qw.astype(np.int32).sum(0).astype(np.int32), dev),
         tvm.runtime.tensor(np.pad(sw, (0, wide - n), constant_values=1.0), dev),
     ]
@@ -76,26 +84,31 @@ def run_kernel(x: np.ndarray, w: np.ndarray, b: np.ndarray, epilogue: str) -> tu
     return out.numpy()[:, :n], expected.numpy(), gemm.mod.inspect_source("asm")  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize(
-    ("m", "k", "n", "epilogue"),
-    [
-        (7, 30, 80, "bias"),  # M odd, K not a multiple of 4, N not whole 64-wide tiles
-        (1, 384, 384, "bias"),  # the pooler's single row
-        (12, 64, 192, "none"),
-        (16, 96, 130, "bias_gelu"),
-    ],
-)
+AWKWARD_SHAPES = [
+    (7, 30, 80, "bias"),  # M odd, K not a multiple of 4, N not whole 64-wide tiles
+    (1, 384, 384, "bias"),  # the pooler's single row
+    (12, 64, 192, "none"),
+    (16, 96, 130, "bias_gelu"),
+]
+
+
+@pytest.mark.parametrize("isa", ["avx512-vnni", "avx-vnni", "avx2"])
+@pytest.mark.parametrize(("m", "k", "n", "epilogue"), AWKWARD_SHAPES)
 def test_int8_kernel_matches_its_reference_on_awkward_shapes(
-    m: int, k: int, n: int, epilogue: str
+    m: int, k: int, n: int, epilogue: str, isa: str
 ) -> None:
     rng = np.random.default_rng(m * 1000 + k + n)
     x = (rng.standard_normal((m, k)) * 2 + 0.3).astype(np.float32)
     w = (rng.standard_normal((k, n)) * 0.1).astype(np.float32)
     b = rng.standard_normal(n).astype(np.float32)
-    got, expected, asm = run_kernel(x, w, b, epilogue)
+    got, expected, asm = run_kernel(x, w, b, epilogue, isa)
     # Exact integer sums on both sides: only the final float scaling rounds differently.
     np.testing.assert_allclose(got, expected, atol=1e-5 * max(1.0, np.abs(expected).max()))
-    assert "vpdpbusd" in asm  # the VNNI instruction, not a scalar or pmaddubsw fallback
+    register = {"avx512-vnni": "zmm", "avx-vnni": "ymm"}.get(isa)
+    if register is None:  # AVX2: widening multiply-adds, no VNNI instruction
+        assert "vpdpbusd" not in asm
+    else:  # the VNNI instruction at this width, not a scalar or pmaddubsw fallback
+        assert re.search(rf"vpdpbusd\s+%{register}", asm), isa
     fp32 = x @ w + (0 if epilogue == "none" else b)
     if epilogue == "bias_gelu":
         fp32 = torch.nn.functional.gelu(torch.from_numpy(fp32)).numpy()
@@ -128,7 +141,7 @@ def test_int8_build_is_checked_against_the_same_scheme_in_pytorch(tmp_path: Path
     model = load_model(write_config(tmp_path, intermediate_size=160), head="classification")
     compiled = compile_model(model, "x86", "fast-int8", InputSpec(1, 24))
     names = [gv.name_hint for gv in compiled.lowered.functions]
-    assert any(name.startswith("canao_dense_int8_bias_gelu") for name in names)
+    assert any(name.startswith("canao_dense_int8_avx512_vnni_bias_gelu") for name in names)
     assert any(name.startswith("canao_quantize_u8") for name in names)
     numerics = verify_locally(compiled)
     assert numerics["max_abs_diff"] <= numerics["tolerance"]
@@ -194,9 +207,60 @@ def test_an_int8_search_scores_candidates_quantized(
     assert len(quantized) == 1
 
 
-def test_int8_on_a_target_without_vnni_fails_before_training() -> None:
-    from canao.errors import CanaoError
-    from canao.nas.job import SearchJob, check_job
+@pytest.mark.parametrize(
+    ("target", "isa"),
+    [
+        ({"mcpu": "sapphirerapids"}, "avx512-vnni"),
+        ({"mcpu": "alderlake"}, "avx-vnni"),  # AVX-VNNI, no AVX-512
+        ({"mcpu": "haswell"}, "avx2"),
+        ({"mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}, "neon-dot"),
+        ({"mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, "neon"),
+    ],
+)
+def test_the_int8_kernel_follows_the_targets_features(target: dict, isa: str) -> None:
+    import tvm
 
-    with pytest.raises(CanaoError, match="AVX-512 VNNI"):
-        check_job(SearchJob(target="arm64", precision="int8", rpc=None))
+    from canao.compiler.schedules.dense_int8 import int8_tiling
+
+    tiling = int8_tiling(tvm.target.Target({"kind": "llvm", **target}))
+    assert tiling.isa == isa
+    assert tiling.nb % tiling.lanes == 0
+
+
+def test_avx_vnni_kernel_is_vex_encoded_for_a_cpu_without_avx512() -> None:
+    import tvm
+
+    tiling = Int8Tiling.for_isa("avx-vnni")
+    func = dense_int8_primfunc(4, 64, 32, "bias", tiling)
+    lib = tvm.compile(
+        tvm.IRModule({"main": func}),
+        target=tvm.target.Target({"kind": "llvm", "mcpu": "alderlake"}),
+    )
+    asm = lib.mod.inspect_source("asm")  # type: ignore[union-attr]
+    assert "vpdpbusd" in asm and "zmm" not in asm
+
+
+def test_int8_on_a_cpu_without_avx2_fails_before_training() -> None:
+    import tvm
+
+    from canao.compiler.schedules.dense_int8 import int8_tiling
+    from canao.errors import CanaoError
+
+    with pytest.raises(CanaoError, match="AVX2, AVX-VNNI, AVX-512 VNNI or aarch64"):
+        int8_tiling(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"}))
+
+
+@pytest.mark.parametrize(
+    ("isa", "mattr"), [("neon-dot", ["+neon", "+dotprod"]), ("neon", ["+neon"])]
+)
+def test_aarch64_int8_kernel_uses_sdot_where_the_cpu_has_it(isa: str, mattr: list[str]) -> None:
+    import tvm
+
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": mattr})
+    tiling = Int8Tiling.for_isa(isa)
+    quant = quantize_primfunc(4, 64, tiling.signed)
+    gemm = dense_int8_primfunc(4, 64, tiling.nb, "bias_gelu", tiling)
+    funcs = {"quant": quant.with_attr("global_symbol", "quant"), "main": gemm}
+    lib = tvm.compile(tvm.IRModule(funcs), target=target)
+    asm = lib.mod.inspect_source("asm")  # type: ignore[union-attr]
+    assert ("sdot" in asm) == (isa == "neon-dot")

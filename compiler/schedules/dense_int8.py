@@ -13,6 +13,14 @@ The scheme is XNNPACK's QD8/QDU8 (what LiteRT's dynamic-range int8 runs on x86):
   products per lane per instruction), then ``y = (acc - za[m] * cs[n]) * sa[m] * sw[n] + b[n]``
   and GELU in the write-back, as the fp32 kernel's epilogue.
 
+The micro-kernel is chosen from the target's features (:func:`int8_tiling`, :data:`ISAS`):
+AVX-512 VNNI (``vpdpbusd`` on zmm, 16 lanes), AVX-VNNI (``vpdpbusd`` on ymm, 8 lanes),
+aarch64 dotprod (``sdot``, 4 lanes: signed x signed, so activations are stored as
+``qa - 128`` and the zero-point term uses ``za - 128``, the same integers), and, where a
+CPU has none of them, plain widening multiply-adds that LLVM vectorises (AVX2, NEON):
+correct, slower. Every path computes the same integers; the weights' packing follows the
+lane count, ``Wq[N // lanes, Kp // 4, lanes, 4]``.
+
 Rounding is ``floor(v + 0.5)`` everywhere, in the kernel and in the PyTorch reference
 (:func:`reference_dense`), so the two agree to float rounding of the final scale.
 """
@@ -26,33 +34,90 @@ import numpy as np
 from canao.compiler.schedules.vector_math import gelu_expr
 
 EPILOGUES = ("none", "bias", "bias_gelu")
-LANES = 16  # int32 accumulators per 512-bit register
-GROUP = 4  # uint8 x int8 products summed per lane by vpdpbusd
-VNNI_INTRIN = "canao_dot_16x4_vnni"
+GROUP = 4  # 8-bit products summed per int32 lane by vpdpbusd / sdot
+SIGNED_SHIFT = 128  # signed-activation paths store qa - 128 (sdot multiplies int8 x int8)
+
+
+@dataclass(frozen=True)
+class Int8Isa:
+    """One int8 dot-product micro-kernel: what it runs on and how it is called."""
+
+    name: str
+    lanes: int  # int32 accumulators per vector register
+    intrinsic: str | None  # LLVM dot-product intrinsic; None: widening multiply-adds
+    activation_dtype: str  # what the quantize kernel stores: uint8, or int8 (qa - 128)
+    panels: int  # lanes-wide column panels per register tile (mr x panels accumulators)
+    requires: str  # for messages: the CPU feature it is chosen by
+
+
+ISAS: dict[str, Int8Isa] = {
+    isa.name: isa
+    for isa in (
+        Int8Isa("avx512-vnni", 16, "llvm.x86.avx512.vpdpbusd.512", "uint8", 4, "avx512vnni"),
+        # LLVM names the VEX (AVX-VNNI) and EVEX-256 forms alike; the target's features pick.
+        Int8Isa("avx-vnni", 8, "llvm.x86.avx512.vpdpbusd.256", "uint8", 2, "avxvnni"),
+        Int8Isa("neon-dot", 4, "llvm.aarch64.neon.sdot.v4i32.v16i8", "int8", 4, "dotprod"),
+        Int8Isa("avx2", 8, None, "uint8", 2, "avx2"),
+        Int8Isa("neon", 4, None, "uint8", 2, "neon"),
+    )
+}
 
 
 @dataclass(frozen=True)
 class Int8Tiling:
     mr: int = 4  # rows of the register tile
-    panels: int = 4  # 16-column panels per tile: the tile is mr x 64 accumulators
+    panels: int = 4  # lanes-wide column panels per tile: the tile is mr x (panels * lanes)
+    isa: str = "avx512-vnni"
+
+    def __post_init__(self) -> None:
+        if self.isa not in ISAS:
+            raise ValueError(f"unknown int8 ISA {self.isa!r}; expected one of {', '.join(ISAS)}")
+
+    @classmethod
+    def for_isa(cls, isa: str) -> Int8Tiling:
+        return cls(panels=ISAS[isa].panels, isa=isa) if isa in ISAS else cls(isa=isa)
+
+    @property
+    def spec(self) -> Int8Isa:
+        return ISAS[self.isa]
+
+    @property
+    def lanes(self) -> int:
+        return self.spec.lanes
 
     @property
     def nb(self) -> int:
-        return self.panels * LANES
+        return self.panels * self.lanes
+
+    @property
+    def signed(self) -> bool:
+        return self.spec.activation_dtype == "int8"
 
 
-def int8_tiling(target: object) -> Int8Tiling:
-    """The int8 register tile for ``target``; one clear error where there is no VNNI."""
+def int8_isa(target: object) -> str:
+    """The best int8 micro-kernel ``target``'s CPU features allow."""
     from tvm.target.codegen import llvm_cpu_has_features
 
     from canao.errors import UnknownPipelineError
 
-    if not llvm_cpu_has_features(["avx512vnni"], target):
-        raise UnknownPipelineError(
-            "int8 builds need AVX-512 VNNI (vpdpbusd) for now; this target's CPU "
-            f"({getattr(target, 'attrs', {}).get('mcpu', '?')}) has none"
-        )
-    return Int8Tiling()
+    def has(feature: str) -> bool:
+        return bool(llvm_cpu_has_features([feature], target))
+
+    attrs = getattr(target, "attrs", {})
+    if "aarch64" in str(attrs.get("mtriple", "")):
+        return "neon-dot" if has("dotprod") else "neon"
+    for isa in ("avx512-vnni", "avx-vnni", "avx2"):
+        if has(ISAS[isa].requires):
+            return isa
+    raise UnknownPipelineError(
+        "int8 builds need AVX2, AVX-VNNI, AVX-512 VNNI or aarch64 NEON; this target's CPU "
+        f"({attrs.get('mcpu', '?')}) has none of them"
+    )
+
+
+def int8_tiling(target: object) -> Int8Tiling:
+    """The int8 register tile for ``target``; one clear error where there is no int8 path."""
+    return Int8Tiling.for_isa(int8_isa(target))
 
 
 def int8_packs(n: int, tiling: Int8Tiling) -> bool:
@@ -76,16 +141,17 @@ def quantize_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(q, -127, 127).astype(np.int8), scale
 
 
-def pack_int8_weight(qw: np.ndarray, nb: int) -> np.ndarray:
-    """``qw[K, N] -> Wq[N // 16, Kp // 4, 16, 4]`` (N a multiple of ``nb``, K padded with 0)."""
+def pack_int8_weight(qw: np.ndarray, tiling: Int8Tiling) -> np.ndarray:
+    """``qw[K, N] -> Wq[N // lanes, Kp // 4, lanes, 4]`` (N a multiple of the tile width,
+    K padded with 0)."""
     k, n = qw.shape
-    if n % nb:
-        raise ValueError(f"N={n} is not a multiple of the tile width {nb}")
-    kp = padded(k, GROUP)
+    if n % tiling.nb:
+        raise ValueError(f"N={n} is not a multiple of the tile width {tiling.nb}")
+    kp, lanes = padded(k, GROUP), tiling.lanes
     full = np.zeros((kp, n), np.int8)
     full[:k] = qw
     return np.ascontiguousarray(
-        full.reshape(kp // GROUP, GROUP, n // LANES, LANES).transpose(2, 0, 3, 1)
+        full.reshape(kp // GROUP, GROUP, n // lanes, lanes).transpose(2, 0, 3, 1)
     )
 
 
@@ -124,65 +190,73 @@ def reference_dense(
 # ---- the TIR kernels ----
 
 
-def _register_vnni() -> str:
-    """``C[16] += A[4] . B[16, 4]`` on ``vpdpbusd``, with the operand types LLVM 22 declares.
+def _register_dot(isa: Int8Isa) -> str:
+    """``C[lanes] += A[4] . B[lanes, 4]`` on ``isa``'s dot-product instruction.
 
-    TVM 0.27's own ``dot_16x4_vnni`` passes the operands as ``int32x16``; the wheel's LLVM
-    declares ``llvm.x86.avx512.vpdpbusd.512`` with ``<64 x i8>`` ones and rejects the call.
-    Reinterpreting them as ``uint8x64`` / ``int8x64`` is the same bits and verifies.
+    The operands are passed as LLVM 22 declares them (``<4 * lanes x i8>``): TVM 0.27's own
+    ``dot_16x4_vnni`` passes ``int32x16`` and fails LLVM's verifier. ``A``'s 4 bytes are
+    broadcast to every lane (one row of activations against ``lanes`` columns).
     """
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
+    assert isa.intrinsic is not None
+    name = f"canao_dot_{isa.lanes}x4_{isa.name}"
     try:
-        TensorIntrin.get(VNNI_INTRIN)
-        return VNNI_INTRIN
+        TensorIntrin.get(name)
+        return name
     except Exception:
         pass
+    lanes, a_dtype, intrinsic = isa.lanes, isa.activation_dtype, isa.intrinsic
+    width = lanes * GROUP
 
     # The accumulators are a register tile (scope "local"), which TVM's own description
     # (scope "global") does not match.
     @T.prim_func(s_tir=True)
     def desc(
-        A: T.Buffer((4,), "uint8", offset_factor=1),
-        B: T.Buffer((16, 4), "int8", offset_factor=1),
-        C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+        A: T.Buffer((4,), a_dtype, offset_factor=1),
+        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
-            for i in T.serial(0, 16):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
                 for k in T.serial(0, 4):
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
                         C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
     @T.prim_func(s_tir=True)
-    def vnni(
-        A: T.Buffer((4,), "uint8", offset_factor=1),
-        B: T.Buffer((16, 4), "int8", offset_factor=1),
-        C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+    def impl(
+        A: T.Buffer((4,), a_dtype, offset_factor=1),
+        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
-            a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-            a_u8x64 = T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64")
-            b_i8x64 = B.vload([0, 0], dtype="int8x64")
-            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                C.vload([0], dtype="int32x16"),
-                a_u8x64,
-                b_i8x64,
-                dtype="int32x16",
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            a_i32 = T.reinterpret(A.vload([0], f"{a_dtype}x4"), dtype="int32")
+            a_bytes = T.reinterpret(T.broadcast(a_i32, lanes), dtype=f"{a_dtype}x{width}")
+            b_bytes = B.vload([0, 0], dtype=f"int8x{width}")
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(intrinsic),
+                C.vload([0], dtype=f"int32x{lanes}"),
+                a_bytes,
+                b_bytes,
+                dtype=f"int32x{lanes}",
             )
 
-    TensorIntrin.register(VNNI_INTRIN, desc, vnni)
-    return VNNI_INTRIN
+    TensorIntrin.register(name, desc, impl)
+    return name
 
 
-def quantize_primfunc(m: int, k: int) -> object:
-    """``x[M, K]`` fp32 -> (``qa[M, Kp]`` uint8, ``sa[M]`` fp32, ``za[M]`` fp32 integer)."""
+def quantize_primfunc(m: int, k: int, signed: bool = False) -> object:
+    """``x[M, K]`` fp32 -> (``qa[M, Kp]`` uint8, ``sa[M]`` fp32, ``za[M]`` fp32 integer).
+
+    ``signed``: ``qa`` is stored as int8 ``qa - 128`` (for sdot); padding stays 0 either way
+    (it multiplies zero weight rows).
+    """
     from tvm import s_tir, te, tirx
 
     kp = padded(k, GROUP)
@@ -204,15 +278,22 @@ def quantize_primfunc(m: int, k: int) -> object:
         lambda i: te.max(te.min(te.floor(-te.min(lo[i], zero_f) / scale[i] + half), 255.0), zero_f),
         name="zf",
     )
+    shift = tirx.const(SIGNED_SHIFT if signed else 0, "float32")
+    dtype = "int8" if signed else "uint8"
     qa = te.compute(
         (m, kp),
         lambda i, j: tirx.if_then_else(
             j < k,
-            te.max(
-                te.min(te.floor(x[i, te.min(j, k - 1)] / scale[i] + half) + zero_point[i], 255.0),
-                zero_f,
-            ).astype("uint8"),
-            tirx.const(0, "uint8"),
+            (
+                te.max(
+                    te.min(
+                        te.floor(x[i, te.min(j, k - 1)] / scale[i] + half) + zero_point[i], 255.0
+                    ),
+                    zero_f,
+                )
+                - shift
+            ).astype(dtype),
+            tirx.const(0, dtype),
         ),
         name="qa",
     )
@@ -243,11 +324,11 @@ def dense_int8_primfunc(
         raise ValueError(f"unknown epilogue {epilogue!r}; expected one of {EPILOGUES}")
     if kp % GROUP or n % tiling.nb:
         raise ValueError(f"K={kp} must be a multiple of {GROUP}, N={n} of {tiling.nb}")
-    held = k_wrap or kp
-    qa = te.placeholder((m, held), "uint8", name="qa")
+    held, lanes = k_wrap or kp, tiling.lanes
+    qa = te.placeholder((m, held), tiling.spec.activation_dtype, name="qa")
     sa = te.placeholder((m,), "float32", name="sa")
     za = te.placeholder((m,), "float32", name="za")
-    wq = te.placeholder((n // LANES, held // GROUP, LANES, GROUP), "int8", name="Wq")
+    wq = te.placeholder((n // lanes, held // GROUP, lanes, GROUP), "int8", name="Wq")
     cs = te.placeholder((n,), "int32", name="colsum")
     sw = te.placeholder((n,), "float32", name="sw")
     r = te.reduce_axis((0, kp), name="k")
@@ -255,16 +336,19 @@ def dense_int8_primfunc(
         (m, n),
         lambda i, j: te.sum(
             qa[i, r % held].astype("int32")
-            * wq[j // LANES, (r // GROUP) % (held // GROUP), j % LANES, r % GROUP].astype("int32"),
+            * wq[j // lanes, (r // GROUP) % (held // GROUP), j % lanes, r % GROUP].astype("int32"),
             axis=r,
         ),
         name="gemm",
     )
     args = [qa, sa, za, wq, cs, sw]
+    # Stored activations qa - 128 sum to acc - 128 cs: the zero point absorbs the shift.
+    shift = SIGNED_SHIFT if tiling.signed else 0
     out = te.compute(
         (m, n),
         lambda i, j: (
-            (acc[i, j] - za[i].astype("int32") * cs[j]).astype("float32") * (sa[i] * sw[j])
+            (acc[i, j] - (za[i].astype("int32") - shift) * cs[j]).astype("float32")
+            * (sa[i] * sw[j])
         ),
         name="dequant",
     )
@@ -288,14 +372,17 @@ def dense_int8_primfunc(
 
 
 def _schedule(sch: object, m: int, tiling: Int8Tiling, epilogue_blocks: list[str]) -> None:
-    intrin = _register_vnni()
     gemm = sch.get_sblock("gemm")
     i, j, r = sch.get_loops(gemm)
-    j_tile, j_panel, j_lane = sch.split(j, [None, tiling.panels, LANES])
+    j_tile, j_panel, j_lane = sch.split(j, [None, tiling.panels, tiling.lanes])
     mr = tiling.mr if m % tiling.mr == 0 else 1  # an odd M (a pooled row) runs row by row
     i_tile, i_row = sch.split(i, [None, mr])
     r_group, r_lane = sch.split(r, [None, GROUP])
-    sch.reorder(j_tile, i_tile, r_group, i_row, j_panel, j_lane, r_lane)
+    dot = tiling.spec.intrinsic is not None
+    # A dot instruction takes the lanes x 4 block whole; without one, each of the 4 products
+    # of a group is one vector multiply-add over the lanes (so the lanes go innermost).
+    inner = (j_lane, r_lane) if dot else (r_lane, j_lane)
+    sch.reorder(j_tile, i_tile, r_group, i_row, j_panel, *inner)
     tile = sch.fuse(j_tile, i_tile)
     sch.parallel(tile)
     acc = sch.cache_write(gemm, 0, "local")
@@ -303,8 +390,15 @@ def _schedule(sch: object, m: int, tiling: Int8Tiling, epilogue_blocks: list[str
     for name in epilogue_blocks:
         sch.reverse_compute_inline(sch.get_sblock(name))
     sch.vectorize(sch.get_loops(acc)[-1])
+    if not dot:
+        # Widening multiply-adds over whole vectors of columns (pmulld; smull on NEON). The
+        # lanes are vectorised while the block still holds its init: TVM vectorises a loop
+        # over a reduction block, not over a bare update.
+        sch.unroll(r_lane)
+        sch.vectorize(j_lane)
     init = sch.decompose_reduction(gemm, r_group)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.unroll(i_row)
     sch.unroll(j_panel)
-    sch.tensorize(j_lane, intrin)
+    if dot:
+        sch.tensorize(j_lane, _register_dot(tiling.spec))

@@ -142,24 +142,27 @@ class _Rewriter:
         qw, sw = quantize_weight(weight)
         qw = np.pad(qw, ((0, 0), (0, wide - n)))  # zero columns: sliced off below
         sw = np.pad(sw, (0, wide - n), constant_values=1.0).astype(np.float32)
+        stored = tiling.spec.activation_dtype
         quantize = self.add(
-            ("q8", m, k), f"canao_quantize_u8_{m}x{k}", lambda: quantize_primfunc(m, k)
+            ("q8", m, k, stored),
+            f"canao_quantize_{'s8' if tiling.signed else 'u8'}_{m}x{k}",
+            lambda: quantize_primfunc(m, k, tiling.signed),
         )
         rows = relax.TensorType((m,), "float32")
-        q = relax.call_tir(quantize, [x], [relax.TensorType((m, kp), "uint8"), rows, rows])
+        q = relax.call_tir(quantize, [x], [relax.TensorType((m, kp), stored), rows, rows])
         args = [
             relax.TupleGetItem(q, 0),
             relax.TupleGetItem(q, 1),
             relax.TupleGetItem(q, 2),
-            relax.const(pack_int8_weight(qw, tiling.nb)),
+            relax.const(pack_int8_weight(qw, tiling)),
             relax.const(qw.astype(np.int32).sum(0).astype(np.int32)),
             relax.const(sw),
         ]
         if bias is not None:
             args.append(relax.const(np.pad(bias.reshape(n), (0, wide - n)).astype(np.float32)))
         kernel = self.add(
-            ("i8", m, kp, wide, epilogue),
-            f"canao_dense_int8_{epilogue}_{m}x{kp}x{wide}",
+            ("i8", m, kp, wide, epilogue, tiling),
+            f"canao_dense_int8_{tiling.isa.replace('-', '_')}_{epilogue}_{m}x{kp}x{wide}",
             lambda: dense_int8_primfunc(m, kp, wide, epilogue, tiling),
         )
         call = relax.call_tir(kernel, args, relax.TensorType((m, wide), "float32"))
