@@ -166,6 +166,17 @@ TARGETS: dict[str, TargetSpec] = {
         triple="aarch64-linux-gnu",
         compiler_package="gcc-aarch64-linux-gnu",
     ),
+    # ARMv8.6 cores (Cortex-A510/A710/X2 and later, Neoverse V1/N2: Graviton 3) add i8mm:
+    # usdot multiplies uint8 activations by int8 weights directly.
+    "arm64-i8mm": TargetSpec(
+        "arm64-i8mm",
+        "64-bit ARM Linux with NEON, dotprod and i8mm (ARMv8.6+: int8 on usdot)",
+        "cpu",
+        _aarch64_target("dotprod", "i8mm"),
+        cross_compiler="aarch64-linux-gnu-gcc",
+        triple="aarch64-linux-gnu",
+        compiler_package="gcc-aarch64-linux-gnu",
+    ),
     "cuda": TargetSpec(
         "cuda",
         "NVIDIA GPU (CUDA, TVM's default GPU schedules)",

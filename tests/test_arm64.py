@@ -125,11 +125,19 @@ def test_search_candidates_linked_from_cached_kernels_run_on_the_emulated_board(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["arm64-dotprod", "arm64"])
+@pytest.mark.parametrize(
+    ("target", "isa", "stored"),
+    [
+        ("arm64-i8mm", "neon_i8mm", "u8"),
+        ("arm64-dotprod", "neon_dot", "s8"),
+        ("arm64", "neon", "u8"),
+    ],
+)
 def test_int8_build_runs_on_the_emulated_board_and_matches_its_reference(
-    tmp_path: Path, target: str
+    tmp_path: Path, target: str, isa: str, stored: str
 ) -> None:
-    """sdot (dotprod) and widening-multiply (NEON) int8 builds, run as aarch64 code."""
+    """usdot (i8mm), sdot (dotprod) and widening-multiply (NEON) int8 builds, run as aarch64
+    code (qemu's default CPU has i8mm and dotprod)."""
     from canao.latency.arm_emulation import EmulatedRPCServer, qemu_available
 
     reason = qemu_available()
@@ -148,7 +156,5 @@ def test_int8_build_runs_on_the_emulated_board_and_matches_its_reference(
     assert numerics["max_abs_diff"] <= numerics["tolerance"]  # type: ignore[operator]
     assert "quantized" in str(numerics["reference"])
     kernels = [str(gv.name_hint) for gv in compiled.lowered.functions]
-    isa = "neon_dot" if target == "arm64-dotprod" else "neon"
     assert any(name.startswith(f"canao_dense_int8_{isa}_") for name in kernels), kernels
-    signed = "s8" if target == "arm64-dotprod" else "u8"
-    assert any(name.startswith(f"canao_quantize_{signed}") for name in kernels), kernels
+    assert any(name.startswith(f"canao_quantize_{stored}") for name in kernels), kernels

@@ -213,6 +213,7 @@ def test_an_int8_search_scores_candidates_quantized(
         ({"mcpu": "sapphirerapids"}, "avx512-vnni"),
         ({"mcpu": "alderlake"}, "avx-vnni"),  # AVX-VNNI, no AVX-512
         ({"mcpu": "haswell"}, "avx2"),
+        ({"mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod", "+i8mm"]}, "neon-i8mm"),
         ({"mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}, "neon-dot"),
         ({"mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, "neon"),
     ],
@@ -251,9 +252,16 @@ def test_int8_on_a_cpu_without_avx2_fails_before_training() -> None:
 
 
 @pytest.mark.parametrize(
-    ("isa", "mattr"), [("neon-dot", ["+neon", "+dotprod"]), ("neon", ["+neon"])]
+    ("isa", "mattr", "instruction"),
+    [
+        ("neon-i8mm", ["+neon", "+i8mm"], "usdot"),
+        ("neon-dot", ["+neon", "+dotprod"], "sdot"),
+        ("neon", ["+neon"], None),
+    ],
 )
-def test_aarch64_int8_kernel_uses_sdot_where_the_cpu_has_it(isa: str, mattr: list[str]) -> None:
+def test_aarch64_int8_kernel_uses_the_dot_instruction_the_cpu_has(
+    isa: str, mattr: list[str], instruction: str | None
+) -> None:
     import tvm
 
     target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": mattr})
@@ -263,4 +271,7 @@ def test_aarch64_int8_kernel_uses_sdot_where_the_cpu_has_it(isa: str, mattr: lis
     funcs = {"quant": quant.with_attr("global_symbol", "quant"), "main": gemm}
     lib = tvm.compile(tvm.IRModule(funcs), target=target)
     asm = lib.mod.inspect_source("asm")  # type: ignore[union-attr]
-    assert ("sdot" in asm) == (isa == "neon-dot")
+    if instruction is None:
+        assert "sdot" not in asm and "usdot" not in asm
+    else:
+        assert re.search(rf"\b{instruction}\b", asm), isa

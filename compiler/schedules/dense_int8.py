@@ -15,8 +15,9 @@ The scheme is XNNPACK's QD8/QDU8 (what LiteRT's dynamic-range int8 runs on x86):
 
 The micro-kernel is chosen from the target's features (:func:`int8_tiling`, :data:`ISAS`):
 AVX-512 VNNI (``vpdpbusd`` on zmm, 16 lanes), AVX-VNNI (``vpdpbusd`` on ymm, 8 lanes),
-aarch64 dotprod (``sdot``, 4 lanes: signed x signed, so activations are stored as
-``qa - 128`` and the zero-point term uses ``za - 128``, the same integers), and, where a
+aarch64 i8mm (``usdot``, 4 lanes, uint8 x int8), aarch64 dotprod (``sdot``, 4 lanes: signed
+x signed, so activations are stored as ``qa - 128`` and the zero-point term uses
+``za - 128``, the same integers), and, where a
 CPU has none of them, plain widening multiply-adds that LLVM vectorises (AVX2, NEON):
 correct, slower. Every path computes the same integers; the weights' packing follows the
 lane count, ``Wq[N // lanes, Kp // 4, lanes, 4]``.
@@ -56,6 +57,8 @@ ISAS: dict[str, Int8Isa] = {
         Int8Isa("avx512-vnni", 16, "llvm.x86.avx512.vpdpbusd.512", "uint8", 4, "avx512vnni"),
         # LLVM names the VEX (AVX-VNNI) and EVEX-256 forms alike; the target's features pick.
         Int8Isa("avx-vnni", 8, "llvm.x86.avx512.vpdpbusd.256", "uint8", 2, "avxvnni"),
+        # i8mm's usdot multiplies uint8 x int8 as vpdpbusd does: no shifted activations.
+        Int8Isa("neon-i8mm", 4, "llvm.aarch64.neon.usdot.v4i32.v16i8", "uint8", 4, "i8mm"),
         Int8Isa("neon-dot", 4, "llvm.aarch64.neon.sdot.v4i32.v16i8", "int8", 4, "dotprod"),
         Int8Isa("avx2", 8, None, "uint8", 2, "avx2"),
         Int8Isa("neon", 4, None, "uint8", 2, "neon"),
@@ -105,7 +108,7 @@ def int8_isa(target: object) -> str:
 
     attrs = getattr(target, "attrs", {})
     if "aarch64" in str(attrs.get("mtriple", "")):
-        return "neon-dot" if has("dotprod") else "neon"
+        return next((isa for isa in ("neon-i8mm", "neon-dot") if has(ISAS[isa].requires)), "neon")
     for isa in ("avx512-vnni", "avx-vnni", "avx2"):
         if has(ISAS[isa].requires):
             return isa
