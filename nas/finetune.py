@@ -48,10 +48,20 @@ class FinetuneConfig:
     seed: int = 0
 
 
-def teacher_dir(config: FinetuneConfig, base_model: Path, data_root: Path) -> Path:
-    """Cache folder: one per (base model, data, settings)."""
+def data_fingerprint(data: dict[str, Split]) -> str:
+    """A digest of every split's texts and labels: the same data has the same key wherever
+    it is read from (another checkout, another machine), and edited data another."""
+    digest = hashlib.sha256()
+    for name in sorted(data):
+        split = data[name]
+        digest.update(json.dumps([name, split.texts, split.labels]).encode())
+    return digest.hexdigest()[:16]
+
+
+def teacher_dir(config: FinetuneConfig, base_model: Path, data: dict[str, Split]) -> Path:
+    """Cache folder: one per (base model's content, data's content, settings)."""
     settings = {**asdict(config), "task": as_spec(config.task).fingerprint()}
-    fields = [model_fingerprint(base_model), str(data_root), settings]
+    fields = [model_fingerprint(base_model), data_fingerprint(data), settings]
     key = hashlib.sha256(json.dumps(fields, default=str).encode()).hexdigest()[:12]
     cache = Path(os.environ.get("CANAO_CACHE_DIR") or Path.home() / ".cache" / "canao")
     safe_task = re.sub(r"[^A-Za-z0-9_.-]+", "_", task_name(config.task))  # hub names, paths
@@ -141,7 +151,8 @@ def finetune(
     """Fine-tune (or reuse the cached result); returns the checkpoint folder."""
     base_model = base_model or minilm_path()
     glue_root = glue_root or default_glue_root()
-    out = teacher_dir(config, base_model, glue_root)
+    data = load_task(config.task, glue_root)
+    out = teacher_dir(config, base_model, data)
     if (out / "config.json").is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -149,14 +160,13 @@ def finetune(
     with file_lock(out.with_name(out.name + ".lock")):
         if not (out / "config.json").is_file():
             with staged_folder(out) as staging:
-                _finetune_into(staging, config, base_model, glue_root, log)
+                _finetune_into(staging, config, base_model, data, log)
     return out
 
 
 def _finetune_into(
-    out: Path, config: FinetuneConfig, base_model: Path, glue_root: Path, log: bool
+    out: Path, config: FinetuneConfig, base_model: Path, data: dict[str, Split], log: bool
 ) -> None:
-    data = load_task(config.task, glue_root)
     torch.manual_seed(config.seed)
     tokenizer = BertTokenizerFast.from_pretrained(str(base_model), local_files_only=True)
     names = data["train"].label_names

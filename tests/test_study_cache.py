@@ -15,6 +15,7 @@ from canao.locks import staged_folder
 from canao.nas.distill import SupernetConfig, supernet_dir
 from canao.nas.finetune import FinetuneConfig, teacher_dir
 from canao.nas.space import SearchSpace
+from canao.nas.tasks import Split
 from canao.nas.teacher import model_fingerprint
 from tests.tiny_teacher import toy_supernet
 
@@ -33,7 +34,8 @@ def test_cache_keys_follow_content_not_path(tmp_path: Path) -> None:
     assert model_fingerprint(copy) == model_fingerprint(teacher)
     assert supernet_dir(copy, "toy", space, CONFIG) == supernet_dir(teacher, "toy", space, CONFIG)
     finetune = FinetuneConfig(task="toy")
-    assert teacher_dir(finetune, copy, tmp_path) == teacher_dir(finetune, teacher, tmp_path)
+    data = {"train": Split((("a",), ("b",)), (0, 1), ("x", "y"))}
+    assert teacher_dir(finetune, copy, data) == teacher_dir(finetune, teacher, data)
 
     model = BertForSequenceClassification.from_pretrained(copy)
     with torch.no_grad():
@@ -41,6 +43,28 @@ def test_cache_keys_follow_content_not_path(tmp_path: Path) -> None:
     model.save_pretrained(copy)
     assert model_fingerprint(copy) != model_fingerprint(teacher)
     assert supernet_dir(copy, "toy", space, CONFIG) != supernet_dir(teacher, "toy", space, CONFIG)
+
+
+def test_teacher_key_follows_the_data_read_not_where_it_was_read_from(tmp_path: Path) -> None:
+    """Two checkouts (or machines) with the GLUE copy at different paths share one teacher;
+    edited data is another teacher."""
+    from canao.compiler.models import minilm_path
+    from canao.nas.tasks import load_task
+
+    rows = "sentence\tlabel\nfine film\t1\nbad film\t0\n"
+    for root in ("checkout-a", "checkout-b"):
+        folder = tmp_path / root / "glue" / "sst2"
+        folder.mkdir(parents=True)
+        for split in ("train", "dev"):
+            (folder / f"{split}.tsv").write_text(rows)
+    config, base = FinetuneConfig(task="sst2"), minilm_path()
+    first, second = (
+        load_task("sst2", tmp_path / root / "glue") for root in ("checkout-a", "checkout-b")
+    )
+    assert teacher_dir(config, base, first) == teacher_dir(config, base, second)
+    (tmp_path / "checkout-b" / "glue" / "sst2" / "train.tsv").write_text(rows + "great\t1\n")
+    edited = load_task("sst2", tmp_path / "checkout-b" / "glue")
+    assert teacher_dir(config, base, edited) != teacher_dir(config, base, first)
 
 
 # One worker process: trains the toy super-network (or loads it), noting when it trains.
