@@ -189,6 +189,13 @@ def _add_search_parser(commands: argparse._SubParsersAction) -> None:
         help="Optuna storage URL (default sqlite:///OUT/study.db); share it to "
         "run several workers on one search",
     )
+    search.add_argument(
+        "--artifacts",
+        metavar="STORE",
+        help="share the study's teacher and super-network with workers on other machines: "
+        "a folder they all mount, or s3://bucket/prefix (the first worker trains and uploads, "
+        "the others download)",
+    )
     search.add_argument("--study-name", default="canao-search")
     search.add_argument("-o", "--out", type=Path, default=Path("canao-search"))
     search.add_argument("--seq", type=int, default=128, help="sequence length timed (default 128)")
@@ -312,6 +319,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         objective=args.objective,
         weight=args.weight,
         storage=args.storage,
+        artifacts=args.artifacts,
         study_name=args.study_name,
         out=args.out,
         seq=args.seq,

@@ -20,22 +20,26 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from transformers import BertConfig
 
 from canao.compiler.pipelines import precision_pipeline
 from canao.compiler.quantized import quantized_reference
 from canao.latency.cache import LatencyCache
 from canao.latency.protocol import Protocol
 from canao.latency.rpc import RPCAddress
+from canao.nas.artifacts import StudyArtifacts, open_artifact_store
 from canao.nas.calibrate import calibrate_readout
 from canao.nas.controllers import check_controller
 from canao.nas.distill import (
     SuperNet,
     SupernetConfig,
     cache_root,
+    load_supernet,
     load_teacher,
+    supernet_dir,
     train_supernet,
 )
-from canao.nas.finetune import FinetuneConfig, finetune, predict_labels
+from canao.nas.finetune import FinetuneConfig, finetune, predict_labels, teacher_dir
 from canao.nas.latency import LatencyEvaluator, LatencyResult
 from canao.nas.metrics import beats_majority, compute, describe, majority_scores, metric_names
 from canao.nas.retrain import RetrainConfig, retrain
@@ -49,7 +53,7 @@ from canao.nas.search import (
     run_search,
     trials_frame,
 )
-from canao.nas.space import ArchConfig
+from canao.nas.space import ArchConfig, SearchSpace
 from canao.nas.storage import open_storage, redact
 from canao.nas.supernet import extract
 from canao.nas.tasks import Split, TaskLike, load_task, num_labels, task_name
@@ -70,6 +74,9 @@ class SearchJob:
     objective: str = "soft"
     weight: float = -0.07
     storage: str | None = None  # None: sqlite:///<out>/study.db
+    # Where the study's teacher and super-network are shared with workers on other machines
+    # (a folder or s3://bucket/prefix; nas/artifacts.py). None: this machine's cache only.
+    artifacts: str | None = None
     study_name: str = "canao-search"
     out: Path = Path("canao-search")
     seq: int = 128
@@ -199,19 +206,47 @@ def _dev_slice(split: Split, limit: int | None) -> Split:
     return Split(split.texts[:limit], split.labels[:limit], split.label_names)
 
 
-def prepare(job: SearchJob, log: Log) -> SupernetEvaluator:
-    """Teacher, super-network and evaluators (each cached after the first run)."""
+def study_artifacts(job: SearchJob) -> StudyArtifacts | None:
+    """The study's shared teacher and super-network (``--artifacts``), its study opened."""
+    if job.artifacts is None:
+        return None
+    import optuna
+
+    study = optuna.create_study(
+        storage=open_storage(job.storage_url()),
+        study_name=job.study_name,
+        load_if_exists=True,
+        directions=["maximize", "minimize"] if job.objective == "pareto" else ["maximize"],
+    )
+    return StudyArtifacts(study, open_artifact_store(job.artifacts), job.storage_url())
+
+
+def prepare(job: SearchJob, log: Log, artifacts: StudyArtifacts | None = None) -> SupernetEvaluator:
+    """Teacher, super-network and evaluators (each cached after the first run; fetched from
+    the study's artifact store, or built and put there, with ``artifacts``)."""
     data = load_task(job.task)
-    teacher = teacher_checkpoint(job, data, log)
+    teacher = teacher_checkpoint(job, data, log, artifacts)
     log(f"super-network: {job.supernet.steps} sandwich steps (cached after the first run)")
     length = task_length(data, job.supernet.max_length)
-    supernet = train_supernet(
-        teacher,
-        data["train"],
-        task_name(job.task),
-        config=replace(job.supernet, max_length=length),
-        progress=_bar("super-net", job, job.supernet.batch_size),
-    )
+    config = replace(job.supernet, max_length=length)
+
+    def train() -> SuperNet:
+        return train_supernet(
+            teacher,
+            data["train"],
+            task_name(job.task),
+            config=config,
+            progress=_bar("super-net", job, job.supernet.batch_size),
+        )
+
+    if artifacts is None:
+        supernet = train()
+    else:
+        space = SearchSpace.from_teacher(BertConfig.from_pretrained(str(teacher)))
+        local = supernet_dir(teacher, task_name(job.task), space, config)
+        supernet = load_supernet(artifacts.folder("supernet", local, lambda: train().path))
+    # This machine's copy of the teacher (the recorded path may be another machine's).
+    supernet.info = {**(supernet.info or {}), "teacher": str(teacher)}
     base = supernet.model.config
     evaluator = LatencyEvaluator(
         base,
@@ -249,8 +284,11 @@ def task_length(data: dict[str, Split], length: int) -> int:
     return max(length, 128) if data["train"].is_pair else length
 
 
-def teacher_checkpoint(job: SearchJob, data: dict[str, Split], log: Log) -> Path:
-    """The teacher's folder: ``--teacher`` as it is if it is a classifier, else fine-tuned."""
+def teacher_checkpoint(
+    job: SearchJob, data: dict[str, Split], log: Log, artifacts: StudyArtifacts | None = None
+) -> Path:
+    """The teacher's folder: ``--teacher`` as it is if it is a classifier, else fine-tuned
+    (or fetched from the study's artifact store, where another worker fine-tuned it)."""
     source = resolve_teacher(job.teacher, num_labels(data), data["train"].label_names)
     if source.fine_tuned:
         log(f"teacher: {source.label}, already a classifier for this task, used as it is")
@@ -266,7 +304,13 @@ def teacher_checkpoint(job: SearchJob, data: dict[str, Split], log: Log) -> Path
         seed=job.seed,
         max_length=task_length(data, 64),
     )
-    return finetune(config, base_model=source.path, log=job.progress)
+    if artifacts is None:
+        return finetune(config, base_model=source.path, log=job.progress)
+    return artifacts.folder(
+        "teacher",
+        teacher_dir(config, source.path, data),
+        lambda: finetune(config, base_model=source.path, log=job.progress),
+    )
 
 
 def _bar(
@@ -307,6 +351,8 @@ def check_job(job: SearchJob) -> None:
     resolve_teacher(job.teacher, num_labels(data), data["train"].label_names)
     if job.storage is not None:  # the default SQLite file is created in OUT with the outputs
         open_storage(job.storage)
+    if job.artifacts is not None:
+        open_artifact_store(job.artifacts)
 
 
 def _require_local_device(target: str) -> None:
@@ -333,7 +379,7 @@ def run_job(job: SearchJob, log: Log = print) -> SearchOutcome:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     check_job(job)
     job.out.mkdir(parents=True, exist_ok=True)
-    evaluator = prepare(job, log)
+    evaluator = prepare(job, log, study_artifacts(job))
     teacher = _teacher_point(evaluator, job, log)
     target = job.latency_ms or round(teacher["latency_ms"] / 2, 3)
     settings = SearchSettings(
