@@ -381,7 +381,7 @@ def run_job(job: SearchJob, log: Log = print) -> SearchOutcome:
     job.out.mkdir(parents=True, exist_ok=True)
     evaluator = prepare(job, log, study_artifacts(job))
     teacher = _teacher_point(evaluator, job, log)
-    target = job.latency_ms or round(teacher["latency_ms"] / 2, 3)
+    target = job.latency_ms or _recorded_target(job) or round(teacher["latency_ms"] / 2, 3)
     settings = SearchSettings(
         controller=job.controller,
         trials=job.trials,
@@ -408,6 +408,25 @@ def run_job(job: SearchJob, log: Log = print) -> SearchOutcome:
     )
     seconds = round(time.perf_counter() - started, 1)
     return write_outputs(study, job, settings, evaluator, teacher, log, search_seconds=seconds)
+
+
+def _recorded_target(job: SearchJob) -> float | None:
+    """The latency target of the study being resumed or joined, if it exists.
+
+    The default target is half the teacher's latency as this worker measures it; a worker
+    on another machine (or a later run) measures it a little differently, and must still
+    search the same study with the same reward.
+    """
+    import optuna
+
+    try:
+        study = optuna.load_study(
+            study_name=job.study_name, storage=open_storage(job.storage_url())
+        )
+    except KeyError:  # no such study yet: this worker starts it
+        return None
+    recorded = study.user_attrs.get("canao", {}).get("latency_ms")
+    return None if recorded is None else float(recorded)
 
 
 def _teacher_point(evaluator: SupernetEvaluator, job: SearchJob, log: Log) -> dict[str, object]:
