@@ -1,0 +1,76 @@
+"""int8 accuracy: each task's fine-tuned teacher scored on dev in fp32 and as canao's int8
+build computes it.
+
+The int8 model is :func:`canao.compiler.quantized.quantized_reference`: every dense layer
+the int8 pass rewrites, computed exactly as the kernels do (per-token uint8 activations,
+per-channel int8 weights, exact integer sums). The compiled int8 build matches it to the
+bound in ``compiler/quantized.py`` (tests/test_int8.py), so its dev score is the build's.
+Issue 16's goal: at most 0.5 point lost.
+
+    python benchmarks/int8_accuracy.py [--tasks movie-reviews,sst2,mrpc]
+
+Teachers come from the cache (fine-tuned the first time, as ``canao search`` does:
+movie-reviews on its first 6400 sentences as in the quick start, SST-2 and MRPC on their
+whole training sets, one epoch). Prints the table; writes
+benchmarks/results/int8_accuracy.{csv,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pandas as pd
+from _results import header, publish
+
+from canao.compiler.quantized import quantized_reference
+from canao.nas.distill import load_teacher
+from canao.nas.finetune import FinetuneConfig, finetune, predict_labels
+from canao.nas.job import task_length
+from canao.nas.metrics import compute, metric_names
+from canao.nas.tasks import load_task, num_labels
+
+TEACHER_EXAMPLES = {"movie-reviews": 6400}  # the quick start's teacher; others: all
+
+
+def score(model: object, tokenizer: object, data: dict, task: str, length: int) -> dict:
+    dev = data["dev"]
+    predicted = predict_labels(model, tokenizer, dev, length)  # type: ignore[arg-type]
+    return compute(metric_names(task), predicted, dev.labels, num_labels(data))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", default="movie-reviews,sst2,mrpc")
+    args = parser.parse_args()
+    rows = []
+    for task in args.tasks.split(","):
+        data = load_task(task)
+        length = task_length(data, 64)
+        config = FinetuneConfig(
+            task=task, train_limit=TEACHER_EXAMPLES.get(task), max_length=length
+        )
+        teacher, tokenizer = load_teacher(finetune(config))
+        fp32 = score(teacher, tokenizer, data, task, length)
+        int8 = score(quantized_reference(teacher), tokenizer, data, task, length)
+        for metric in fp32:
+            rows.append(
+                {
+                    "task": task,
+                    "dev": len(data["dev"]),
+                    "metric": metric,
+                    "fp32": round(fp32[metric], 4),
+                    "int8": round(int8[metric], 4),
+                    "points_lost": round(100 * (fp32[metric] - int8[metric]), 2),
+                }
+            )
+        print(rows[-len(fp32) :], flush=True)
+    table = pd.DataFrame(rows)
+    title = (
+        "int8 (canao's dynamic-range scheme) against fp32, teachers on dev. "
+        f"{header('torch threads: default')}"
+    )
+    publish(table, table, "int8_accuracy", title)
+
+
+if __name__ == "__main__":
+    main()
