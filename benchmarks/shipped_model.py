@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 from _results import header, publish
 
+from canao.nas.calibrate import calibrate_readout
 from canao.nas.distill import SupernetConfig, batches, cache_root, load_teacher
 from canao.nas.job import SearchJob, SearchOutcome, run_job
 from canao.nas.retrain import RetrainConfig, retrain
@@ -89,6 +90,15 @@ def retrained_baselines(
     rows = []
     for name, arch in baseline_archs(outcome).items():
         model = extract(ordered, arch)
+        # The same start as the search's candidates: the read-out calibrated on the same rows.
+        assert evaluator.train is not None
+        calibrate_readout(
+            model,
+            evaluator.supernet.tokenizer,
+            evaluator.train,
+            evaluator.calibrate,
+            evaluator.max_length,
+        )
         before = evaluator.score_model(model)
         started = time.perf_counter()
         assert evaluator.train is not None

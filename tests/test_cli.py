@@ -63,7 +63,7 @@ def test_list(capsys) -> None:
         (["compile", "missing/model", "-o", "x"], "model 'missing/model' not found"),
         (
             ["compile", "bert-tiny", "--target", "tpu", "-o", "x"],
-            "unknown target 'tpu'; valid targets: x86, arm64, cuda",
+            "unknown target 'tpu'; valid targets: x86, arm64, arm64-dotprod, arm64-i8mm, cuda",
         ),
         (["bench", "bert-tiny", "--pipeline", "warp"], "unknown pipeline 'warp'"),
         (["bench", "bert-tiny", "--key", "phone"], "--key names a device at a tracker"),
