@@ -136,7 +136,10 @@ def test_targets_describe_their_machines() -> None:
     assert "aarch64-linux-gnu" in str(get_target("arm64").tvm_target())
     cuda = get_target("cuda").tvm_target()
     assert cuda.kind.name == "cuda" and "gpu" in cuda.keys  # type: ignore[attr-defined]
-    assert set(TARGETS) == {"x86", "arm64", "cuda"}
+    assert set(TARGETS) == {"x86", "arm64", "arm64-dotprod", "arm64-i8mm", "cuda"}
+    assert "+dotprod" in str(get_target("arm64-dotprod").tvm_target())
+    assert "+i8mm" in str(get_target("arm64-i8mm").tvm_target())
+    assert all(get_target(name).is_cross for name in TARGETS if name.startswith("arm64"))
     assert {"default", "default-fused"} <= set(PIPELINES)
 
 
