@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 
 import pandas as pd
-from _results import header, publish
+from _results import RESULTS, header, publish
 
 from canao.compiler.quantized import quantized_reference
 from canao.nas.distill import load_teacher
@@ -65,6 +65,11 @@ def main() -> None:
             )
         print(rows[-len(fp32) :], flush=True)
     table = pd.DataFrame(rows)
+    # Tasks not rerun keep their earlier rows: teachers are trained one task at a time.
+    earlier = RESULTS / "int8_accuracy.csv"
+    if earlier.is_file():
+        kept = pd.read_csv(earlier)
+        table = pd.concat([kept[~kept["task"].isin(table["task"])], table], ignore_index=True)
     title = (
         "int8 (canao's dynamic-range scheme) against fp32, teachers on dev. "
         f"{header('torch threads: default')}"
