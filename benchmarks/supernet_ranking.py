@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import random
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -91,7 +92,19 @@ def main() -> None:
         help="also rank by the slices' accuracy with their read-out refitted on this many "
         "training examples (the search's default scoring; 0: off)",
     )
+    parser.add_argument(
+        "--reuse-standalone",
+        type=Path,
+        metavar="CSV",
+        help="take standalone accuracies from an earlier run's CSV where the architecture "
+        "matches (same teacher, steps and seed: standalone distillation is deterministic), "
+        "distilling only the others",
+    )
     args = parser.parse_args()
+    reused = {}
+    if args.reuse_standalone is not None:
+        earlier = pd.read_csv(args.reuse_standalone)
+        reused = dict(zip(earlier["arch"], earlier["standalone_acc"], strict=True))
     data = load_task(args.task)
     dev = Split(
         data["dev"].texts[: args.dev_limit],
@@ -130,17 +143,20 @@ def main() -> None:
             tokenizer,
             dev,
         )
-        alone, _ = retrain(
-            extract(ordered, arch),
-            teacher_path,
-            data["train"],
-            RetrainConfig(
-                steps=args.standalone_steps,
-                learning_rate=config.learning_rate * 3,
-                max_length=config.max_length,
-            ),
-        )
-        standalone = accuracy(alone, tokenizer, dev)
+        if arch.key in reused:
+            standalone = float(reused[arch.key])
+        else:
+            alone, _ = retrain(
+                extract(ordered, arch),
+                teacher_path,
+                data["train"],
+                RetrainConfig(
+                    steps=args.standalone_steps,
+                    learning_rate=config.learning_rate * 3,
+                    max_length=config.max_length,
+                ),
+            )
+            standalone = accuracy(alone, tokenizer, dev)
         print(
             f"{arch.key:64s} super-net {shared:.4f} calibrated {calibrated:.4f} "
             f"standalone {standalone:.4f}",
