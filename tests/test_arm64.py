@@ -24,6 +24,15 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def _require_emulation() -> None:
+    """Skip, saying why, where qemu-aarch64 cannot run the emulated board."""
+    from canao.latency.arm_emulation import qemu_available
+
+    reason = qemu_available()
+    if reason is not None:
+        pytest.skip(f"no ARM emulation here: {reason}")
+
+
 def elf_machine(path: Path) -> int:
     header = path.read_bytes()[:20]
     assert header[:4] == b"\x7fELF", f"{path} is not an ELF file"
@@ -40,11 +49,9 @@ def test_cross_compile_produces_an_aarch64_library(tmp_path: Path, tiny_config: 
 
 @pytest.mark.slow
 def test_runs_on_emulated_arm_board_with_matching_outputs(tmp_path: Path) -> None:
-    from canao.latency.arm_emulation import EmulatedRPCServer, qemu_available
+    from canao.latency.arm_emulation import EmulatedRPCServer
 
-    reason = qemu_available()
-    if reason is not None:
-        pytest.skip(f"no ARM emulation here: {reason}")
+    _require_emulation()
     config = write_config(
         tmp_path, num_hidden_layers=1, hidden_size=32, intermediate_size=64, vocab_size=200
     )
@@ -101,13 +108,11 @@ def test_cross_compiled_from_the_kernel_cache(tmp_path: Path, tiny_config: Path)
 def test_search_candidates_linked_from_cached_kernels_run_on_the_emulated_board() -> None:
     from transformers import BertConfig
 
-    from canao.latency.arm_emulation import EmulatedRPCServer, qemu_available
+    from canao.latency.arm_emulation import EmulatedRPCServer
     from canao.nas.latency import LatencyEvaluator
     from canao.nas.space import ArchConfig
 
-    reason = qemu_available()
-    if reason is not None:
-        pytest.skip(f"no ARM emulation here: {reason}")
+    _require_emulation()
     base = BertConfig(vocab_size=200, max_position_embeddings=32)
     with EmulatedRPCServer() as board:
         evaluator = LatencyEvaluator(
@@ -138,11 +143,9 @@ def test_int8_build_runs_on_the_emulated_board_and_matches_its_reference(
 ) -> None:
     """usdot (i8mm), sdot (dotprod) and widening-multiply (NEON) int8 builds, run as aarch64
     code (qemu's default CPU has i8mm and dotprod)."""
-    from canao.latency.arm_emulation import EmulatedRPCServer, qemu_available
+    from canao.latency.arm_emulation import EmulatedRPCServer
 
-    reason = qemu_available()
-    if reason is not None:
-        pytest.skip(f"no ARM emulation here: {reason}")
+    _require_emulation()
     config = write_config(
         tmp_path, num_hidden_layers=1, hidden_size=64, intermediate_size=128, vocab_size=200
     )
