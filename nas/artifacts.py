@@ -93,11 +93,13 @@ class StudyArtifacts:
         Downloaded when the study has it; else built by ``build`` (which may find it in the
         local cache), uploaded and recorded, under the study's lock.
         """
-        if self._recorded(kind, local) is not None:
-            return self._fetch(kind, local)
+        recorded = self._recorded(kind, local)
+        if recorded is not None:
+            return self._fetch(recorded, local)
         with study_lock(self.storage_url, f"{self.study.study_name}:{kind}"):
-            if self._recorded(kind, local) is not None:  # built by the worker we waited for
-                return self._fetch(kind, local)
+            recorded = self._recorded(kind, local)  # built by the worker we waited for?
+            if recorded is not None:
+                return self._fetch(recorded, local)
             built = build()
             if built.name != local.name:
                 raise ArtifactError(f"{kind}: built {built} is not the expected {local.name}")
@@ -121,11 +123,9 @@ class StudyArtifacts:
             )
         return str(record["artifact_id"])
 
-    def _fetch(self, kind: str, local: Path) -> Path:
+    def _fetch(self, artifact_id: str, local: Path) -> Path:
         if (local / "config.json").is_file():
             return local  # already here (this machine built it, or fetched it before)
-        artifact_id = self._recorded(kind, local)
-        assert artifact_id is not None
         local.parent.mkdir(parents=True, exist_ok=True)
         with file_lock(local.with_name(local.name + ".lock")):
             if not (local / "config.json").is_file():
