@@ -22,7 +22,8 @@ from canao.compiler.importer import INPUT_NAMES, InputSpec, import_bert
 from canao.compiler.kernel_cache import CachedBuild, KernelCache, build_from_cache, export_cached
 from canao.compiler.kernels import KernelReport, kernel_report
 from canao.compiler.models import LoadedModel
-from canao.compiler.pipelines import get_pipeline
+from canao.compiler.pipelines import get_pipeline, split_pipeline
+from canao.compiler.segments import SegmentCache, compile_segments, stitchable
 from canao.compiler.targets import TargetSpec, get_target
 from canao.errors import ArtifactError
 
@@ -44,6 +45,8 @@ class CompiledModel:
     numerics: dict[str, float] | None = None  # filled by canao.compiler.verify
     # Linked from a search's kernel cache: export links its object files (None: built whole).
     cached: CachedBuild | None = None
+    # Stitched from cached segments (compile_stitched): how many were lowered for this build.
+    segments_lowered: int | None = None
 
     def artifact_hash(self) -> str:
         """What a latency cache key needs: same model, shapes, target, pipeline."""
@@ -145,6 +148,64 @@ def compile_model(
         kernels=kernel_report(lowered),
         build_seconds=time.perf_counter() - start,
         cached=cached,
+    )
+
+
+def can_stitch(model: LoadedModel, target: TargetSpec, pipeline: str, spec: InputSpec) -> bool:
+    """Whether :func:`compile_stitched` builds this (a canao CPU pipeline, a BERT classifier)."""
+    return (
+        target.device_type == "cpu"
+        and split_pipeline(pipeline, target.tvm_target()) is not None
+        and stitchable(model.module, spec)
+    )
+
+
+def compile_stitched(
+    model: LoadedModel,
+    segment_keys: list[str],
+    segments: SegmentCache,
+    target: str | TargetSpec = "x86",
+    pipeline: str = "fast",
+    spec: InputSpec | None = None,
+    kernel_cache: KernelCache | None = None,
+) -> CompiledModel:
+    """:func:`compile_model`, from segments lowered once and cached (:mod:`.segments`).
+
+    ``segment_keys`` name the embeddings, each layer and the head; equal keys must mean
+    equal modules with equal weights (a search's seeded latency workloads do).
+    """
+    from tvm import relax
+
+    target_spec = get_target(target) if isinstance(target, str) else target
+    spec = spec or InputSpec()
+    tvm_target = target_spec.tvm_target()
+    if not can_stitch(model, target_spec, pipeline, spec):
+        raise ValueError(f"{model.name} cannot be stitched for {target_spec.name}/{pipeline}")
+    segments.check(tvm_target, pipeline, spec)
+    split = split_pipeline(pipeline, tvm_target)
+    assert split is not None
+    before_lower, lower = split
+    start = time.perf_counter()
+    cached = None
+    with quiet_native_stderr(), tvm_target:  # type: ignore[attr-defined]
+        stitched, fresh = compile_segments(model.module, segment_keys, segments, before_lower, spec)
+        lowered = lower(stitched)  # type: ignore[operator]
+        if kernel_cache is not None:
+            cached = build_from_cache(lowered, tvm_target, kernel_cache)
+            executable = cached.executable
+        else:
+            executable = relax.build(lowered, tvm_target, relax_pipeline=None)
+    return CompiledModel(
+        model=model,
+        spec=spec,
+        target=target_spec,
+        pipeline=pipeline,
+        executable=executable,
+        lowered=lowered,
+        kernels=kernel_report(lowered),
+        build_seconds=time.perf_counter() - start,
+        cached=cached,
+        segments_lowered=fresh,
     )
 
 

@@ -136,6 +136,32 @@ def _cpu_pipeline(
     )
 
 
+# canao's CPU pipelines, as cpu_stages() flags.
+_CPU_PIPELINE_FLAGS: dict[str, dict[str, bool]] = {
+    "fast": {"canao_fusion": True},
+    "fast-tvm-fusion": {"canao_fusion": False},
+    "fast-approx": {"canao_fusion": True, "approximate": True},
+    "fast-int8": {"canao_fusion": True, "int8": True},
+}
+
+
+def split_pipeline(name: str, target: object) -> tuple[object, object] | None:
+    """(every stage but ``lower``, ``lower``) of a canao CPU pipeline; None for the others.
+
+    Every stage before ``lower`` rewrites inside one function, so a module stitched from
+    separately transformed segments (:mod:`canao.compiler.segments`) needs only ``lower``.
+    """
+    import tvm
+
+    flags = _CPU_PIPELINE_FLAGS.get(name)
+    if flags is None or "gpu" in target.keys:  # type: ignore[attr-defined]
+        return None
+    stages = cpu_stages(target, **flags)
+    assert stages[-1][0] == "lower"
+    before = tvm.transform.Sequential([stage for _, stage in stages[:-1]], name=f"canao.{name}")
+    return before, stages[-1][1]
+
+
 def _gpu_pipeline(target: object) -> object:
     """canao's exact graph rewrites, then TVM's GPU pipeline (dlight GPU schedules).
 

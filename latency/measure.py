@@ -13,6 +13,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +33,8 @@ class MeasurementError(CanaoError):
 class Workload:
     """What is measured: one exported library and what it was built from."""
 
-    library: Path
+    # The exported .so; or, timed in this process only, the in-memory VM executable.
+    library: Path | Any
     model: str
     model_hash: str
     target: str

@@ -21,16 +21,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from transformers import BertConfig
 
-from canao.compiler.build import CompiledModel, compile_model, export_library
+from canao.compiler.build import (
+    CompiledModel,
+    can_stitch,
+    compile_model,
+    compile_stitched,
+    export_library,
+)
 from canao.compiler.importer import INPUT_NAMES, InputSpec, example_inputs
 from canao.compiler.kernel_cache import KernelCache, process_kernel_cache
 from canao.compiler.models import load_model
 from canao.compiler.pipelines import DEFAULT_PIPELINE
+from canao.compiler.segments import SegmentCache
 from canao.compiler.targets import get_target
 from canao.compiler.verify import compare, verify, verify_locally
 from canao.latency.cache import LatencyCache
@@ -47,6 +55,7 @@ from canao.latency.rpc import RPCAddress, remote_runner
 from canao.latency.runner import DeviceRunner, local_runner
 from canao.nas.modeling import CanaoBertForSequenceClassification, arch_config
 from canao.nas.space import ArchConfig, contains
+from canao.nas.workloads import SeededWorkloads
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,7 @@ class LatencyResult:
     build_s: float = 0.0  # import, pipeline and code generation (linking cached kernels)
     export_s: float = 0.0  # writing and linking the shared library
     kernels_compiled: int | None = None  # kernels generated for this build (the rest reused)
+    segments_lowered: int | None = None  # segments imported and lowered now (None: not stitched)
     launches: int | None = None
     max_abs_diff: float | None = None
     # The anchor build's median timed interleaved with this one, and the candidate's
@@ -118,11 +128,16 @@ class LatencyEvaluator:
     anchor: ArchConfig | None = None
     # Kernels compiled by an earlier candidate are linked, not generated again (same code).
     reuse_kernels: bool = True
+    # Candidates are stitched from segments (embeddings, each layer, head) lowered once
+    # (compiler.segments); off: every candidate is imported and lowered whole.
+    stitch: bool = True
     # Anchored candidates whose IQR exceeds this fraction of their median, or that are out
     # of order with a sub-network (or container) measured before by more, are timed again.
     noise_band: float = 0.05
     retime_limit: int = 2
     _anchor: _Anchor | None = field(default=None, init=False, repr=False)
+    _workloads: SeededWorkloads | None = field(default=None, init=False, repr=False)
+    _segments: SegmentCache | None = field(default=None, init=False, repr=False)
     # Anchored latency (ms) of each architecture this evaluator measured: the order check.
     _recorded: dict[ArchConfig, float] = field(default_factory=dict, init=False, repr=False)
 
@@ -181,6 +196,7 @@ class LatencyEvaluator:
             build_s=compiled.build_seconds,
             export_s=export_s,
             kernels_compiled=stats.compiled if stats is not None else None,
+            segments_lowered=compiled.segments_lowered,
             launches=compiled.kernels.kernel_launches,
             max_abs_diff=diff,
             anchor_ms=anchor_ms,
@@ -188,19 +204,28 @@ class LatencyEvaluator:
             retimed=retimed,
         )
 
-    def _build(self, arch: ArchConfig, folder: Path) -> tuple[CompiledModel, Path, float]:
+    def _build(self, arch: ArchConfig, folder: Path) -> tuple[CompiledModel, Any, float]:
         """The candidate's shipped artifact, checked against PyTorch before it is timed.
 
-        Returns the build, its library and the seconds export took.
+        Returns the build, what is timed and the seconds export took. Timed in this
+        process, that is the in-memory executable: the same machine code as the
+        exported ``.so`` (identical output, and the same medians within noise side by
+        side), without linking a 50-90 MB library per candidate (1-2.5 s). A child
+        process or a board gets the exported library.
         """
-        loaded = load_model(random_model(arch, self.base))
-        compiled = compile_model(
-            loaded,
-            self.target,
-            self.pipeline,
-            InputSpec(self.batch, self.seq),
-            kernel_cache=self._kernel_cache(),
-        )
+        spec = InputSpec(self.batch, self.seq)
+        compiled = self._stitched(arch, spec)
+        if compiled is None:
+            compiled = compile_model(
+                load_model(random_model(arch, self.base)),
+                self.target,
+                self.pipeline,
+                spec,
+                kernel_cache=self._kernel_cache(),
+            )
+        if self._times_here():
+            verify_locally(compiled)
+            return compiled, compiled.executable, 0.0
         start = time.perf_counter()
         library = export_library(compiled, folder / "model.so")
         export_s = time.perf_counter() - start
@@ -214,17 +239,37 @@ class LatencyEvaluator:
             verify_locally(compiled)
         return compiled, library, export_s
 
+    def _stitched(self, arch: ArchConfig, spec: InputSpec) -> CompiledModel | None:
+        """The build stitched from cached segments (None where stitching does not apply)."""
+        if not self.stitch:
+            return None
+        if self._workloads is None:
+            self._workloads = SeededWorkloads(self.base)
+        loaded, keys = self._workloads.model(arch)
+        target = get_target(self.target)
+        if not can_stitch(loaded, target, self.pipeline, spec):
+            return None
+        if self._segments is None:
+            self._segments = SegmentCache(str(target.tvm_target()), self.pipeline, spec.shapes())
+        return compile_stitched(
+            loaded, keys, self._segments, target, self.pipeline, spec, self._kernel_cache()
+        )
+
     def _kernel_cache(self) -> KernelCache | None:
         spec = get_target(self.target)
         if not self.reuse_kernels or spec.device_type != "cpu":
             return None
         return process_kernel_cache(spec.tvm_target())
 
-    def _anchored(self) -> bool:
-        if self.anchor is None or self.rpc is not None or not self.in_process:
+    def _times_here(self) -> bool:
+        """Whether candidates are timed in this process (as :func:`measure` decides)."""
+        if self.rpc is not None or not self.in_process:
             return False
         wanted = self.threads if self.threads is not None else default_threads()
         return threads_here() == wanted
+
+    def _anchored(self) -> bool:
+        return self.anchor is not None and self._times_here()
 
     def _measure_beside_anchor(
         self, arch: ArchConfig, workload: Workload, inputs: dict[str, np.ndarray]

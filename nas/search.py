@@ -248,6 +248,8 @@ def _run_trial(
             trial.set_user_attr("export_s", round(measured.export_s, 2))
         if measured.kernels_compiled is not None:
             trial.set_user_attr("kernels_compiled", measured.kernels_compiled)
+        if measured.segments_lowered is not None:
+            trial.set_user_attr("segments_lowered", measured.segments_lowered)
         study.tell(trial, _values(accuracy, measured.ranked_ms, settings))
     except KeyboardInterrupt:
         trial.set_user_attr("error", "interrupted")
@@ -363,6 +365,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
                 "build_s": attrs.get("build_s"),
                 "export_s": attrs.get("export_s"),
                 "kernels_compiled": attrs.get("kernels_compiled"),
+                "segments_lowered": attrs.get("segments_lowered"),
                 "predicted_ms": attrs.get("predicted_ms"),
                 "latency_source": attrs.get("latency_source"),
                 "reward": trial.values[0] if trial.values and len(trial.values) == 1 else None,
