@@ -6,10 +6,12 @@ explained) later; peers that dropped it got unreproducible results.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 from functools import cache
 from importlib import metadata
+from pathlib import Path
 
 # Packages whose version changes generated code or timings.
 _TRACKED_PACKAGES = ("apache-tvm", "apache-tvm-ffi", "torch", "transformers", "numpy", "canao")
@@ -46,3 +48,38 @@ def default_threads() -> int:
     if configured and configured.isdigit() and int(configured) > 0:
         return int(configured)
     return os.cpu_count() or 1
+
+
+@cache
+def host_identity() -> str:
+    """This machine as its timings depend on it: CPU name, family/model/stepping, cores.
+
+    The marketing name alone is not enough ("AMD EPYC" covers several generations).
+    """
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                name, _, value = line.partition(":")
+                name = name.strip().lower()
+                if name in ("cpu family", "model", "stepping", "cpu part") and name not in fields:
+                    fields[name] = value.strip()
+    except OSError:
+        pass
+    detail = ".".join(fields.get(k, "") for k in ("cpu family", "model", "stepping", "cpu part"))
+    return f"{cpu_model()}|{detail}|{os.cpu_count()}"
+
+
+@cache
+def code_fingerprint() -> str:
+    """TVM's version and canao's code generation sources: what makes the kernels what they are.
+
+    A latency measured with other kernels (an older canao, another TVM) is stale.
+    """
+    root = Path(__file__).resolve().parent.parent  # the folder holding compiler/, fusion/
+    digest = hashlib.sha256(versions().get("apache-tvm", "").encode())
+    for folder in ("compiler", "fusion"):
+        for source in sorted((root / folder).rglob("*.py")):
+            digest.update(source.relative_to(root).as_posix().encode())
+            digest.update(source.read_bytes())
+    return digest.hexdigest()[:12]
