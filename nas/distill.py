@@ -29,7 +29,7 @@ from transformers import BertForSequenceClassification, BertTokenizerFast
 from transformers import logging as hf_logging
 
 from canao.locks import file_lock, staged_folder
-from canao.nas.finetune import accuracy, encode
+from canao.nas.finetune import accuracy, data_fingerprint, encode
 from canao.nas.space import ArchConfig, SearchSpace
 from canao.nas.supernet import (
     DEPTH_HEADS,
@@ -112,8 +112,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("CANAO_CACHE_DIR") or Path.home() / ".cache" / "canao")
 
 
-def supernet_dir(teacher: Path, task: str, space: SearchSpace, config: SupernetConfig) -> Path:
-    fields = [model_fingerprint(teacher), task, asdict(space), config.cache_fields()]
+def supernet_dir(
+    teacher: Path, task: str, space: SearchSpace, config: SupernetConfig, train: Split
+) -> Path:
+    """Cache folder: one per (teacher's content, training data's content, space, settings)."""
+    data = data_fingerprint({"train": train})
+    fields = [model_fingerprint(teacher), task, data, asdict(space), config.cache_fields()]
     key = hashlib.sha256(json.dumps(fields, default=list).encode()).hexdigest()[:12]
     safe_task = re.sub(r"[^A-Za-z0-9_.-]+", "_", task)  # paths and hub names
     return cache_root() / "supernets" / f"{safe_task}-{key}"
@@ -211,7 +215,7 @@ def train_supernet(
     config = config or SupernetConfig()
     teacher, tokenizer = load_teacher(teacher_path)
     space = space or SearchSpace.from_teacher(teacher.config)
-    out = supernet_dir(teacher_path, task, space, config)
+    out = supernet_dir(teacher_path, task, space, config, train)
     if not (out / "supernet.json").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         # Workers of one study start together: one trains, the others wait and load it.

@@ -243,7 +243,7 @@ def prepare(job: SearchJob, log: Log, artifacts: StudyArtifacts | None = None) -
         supernet = train()
     else:
         space = SearchSpace.from_teacher(BertConfig.from_pretrained(str(teacher)))
-        local = supernet_dir(teacher, task_name(job.task), space, config)
+        local = supernet_dir(teacher, task_name(job.task), space, config, data["train"])
         supernet = load_supernet(artifacts.folder("supernet", local, lambda: train().path))
     # This machine's copy of the teacher (the recorded path may be another machine's).
     supernet.info = {**(supernet.info or {}), "teacher": str(teacher)}

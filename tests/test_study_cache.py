@@ -32,9 +32,17 @@ def test_cache_keys_follow_content_not_path(tmp_path: Path) -> None:
     copy = shutil.copytree(teacher, tmp_path / "elsewhere" / "teacher-copy")
     space = _space(teacher)
     assert model_fingerprint(copy) == model_fingerprint(teacher)
-    assert supernet_dir(copy, "toy", space, CONFIG) == supernet_dir(teacher, "toy", space, CONFIG)
+    train = Split((("a",), ("b",)), (0, 1), ("x", "y"))
+    assert supernet_dir(copy, "toy", space, CONFIG, train) == supernet_dir(
+        teacher, "toy", space, CONFIG, train
+    )
+    # Edited training data: another super-network, even under the same task name.
+    edited = Split((("a",), ("c",)), (0, 1), ("x", "y"))
+    assert supernet_dir(teacher, "toy", space, CONFIG, edited) != supernet_dir(
+        teacher, "toy", space, CONFIG, train
+    )
     finetune = FinetuneConfig(task="toy")
-    data = {"train": Split((("a",), ("b",)), (0, 1), ("x", "y"))}
+    data = {"train": train}
     assert teacher_dir(finetune, copy, data) == teacher_dir(finetune, teacher, data)
 
     model = BertForSequenceClassification.from_pretrained(copy)
@@ -42,7 +50,9 @@ def test_cache_keys_follow_content_not_path(tmp_path: Path) -> None:
         model.classifier.bias.add_(1.0)  # other weights: another teacher
     model.save_pretrained(copy)
     assert model_fingerprint(copy) != model_fingerprint(teacher)
-    assert supernet_dir(copy, "toy", space, CONFIG) != supernet_dir(teacher, "toy", space, CONFIG)
+    assert supernet_dir(copy, "toy", space, CONFIG, train) != supernet_dir(
+        teacher, "toy", space, CONFIG, train
+    )
 
 
 def test_teacher_key_follows_the_data_read_not_where_it_was_read_from(tmp_path: Path) -> None:

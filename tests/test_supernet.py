@@ -141,7 +141,11 @@ def test_supernet_ordering_is_checked_and_keyed(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown importance 'taylor'"):
         SupernetConfig(importance="taylor")
     space = SearchSpace.from_teacher(tiny_teacher().config)
-    keys = {supernet_dir(tmp_path, "t", space, SupernetConfig(importance=i)) for i in sn.IMPORTANCE}
+    train = Split((("a",), ("b",)), (0, 1), ("x", "y"))
+    keys = {
+        supernet_dir(tmp_path, "t", space, SupernetConfig(importance=i), train)
+        for i in sn.IMPORTANCE
+    }
     assert len(keys) == len(sn.IMPORTANCE)
 
 
