@@ -105,7 +105,7 @@ class _Anchor:
     folder: tempfile.TemporaryDirectory[str]
     runner: DeviceRunner
     call: Callable[[], object]
-    reference_ms: float | None = None  # its first median: anchored latencies are in its ms
+    reference_ms: float | None = None  # anchored latencies are in these ms (_reference_ms)
 
 
 @dataclass
@@ -303,10 +303,22 @@ class LatencyEvaluator:
         if self.cache is not None:
             self.cache.put(measurement)
         anchor_ms = float(np.median(seconds["anchor"])) * 1e3
-        if anchor.reference_ms is None:
-            anchor.reference_ms = anchor_ms
-        self._recorded[arch] = measurement.median_ms / anchor_ms * anchor.reference_ms
+        reference = self._reference_ms(anchor, anchor_ms)
+        self._recorded[arch] = measurement.median_ms / anchor_ms * reference
         return TimedRun(measurement, output), anchor_ms, retimed
+
+    def _reference_ms(self, anchor: _Anchor, anchor_ms: float) -> float:
+        """The ms an anchored ratio is scaled by: the anchor's own cached latency.
+
+        Cached, it is the same number in every process of a study on this machine (a
+        resumed run, a second worker: each used its own first anchor median, so their
+        anchored latencies were on different scales); without a cache, this process's
+        first anchor median.
+        """
+        if anchor.reference_ms is None:
+            known = self.cached(self.anchor) if self.anchor is not None else None
+            anchor.reference_ms = known if known is not None else anchor_ms
+        return anchor.reference_ms
 
     def _suspect(self, arch: ArchConfig, seconds: dict[str, list[float]], anchor: _Anchor) -> bool:
         """Time again? A wide spread, or an order against a sub-network measured before.
@@ -319,7 +331,13 @@ class LatencyEvaluator:
         if candidate.iqr_ms > self.noise_band * candidate.median_ms:
             return True
         anchor_ms = float(np.median(seconds["anchor"])) * 1e3
-        reference = anchor.reference_ms or anchor_ms
+        reference = self._reference_ms(anchor, anchor_ms)
+        if abs(anchor_ms / reference - 1) > 2 * self.noise_band:
+            # The anchor itself far off its usual time: the machine is disturbed, and the
+            # disturbance need not slow both alike (a bandwidth-hungry neighbour slows the
+            # large anchor more than a small candidate: 30 -> 48 ms against 4.6 -> 5.4 ms,
+            # which made a candidate 25% too fast).
+            return True
         ranked = candidate.median_ms / anchor_ms * reference
         limit = 1 + self.noise_band
         for other, other_ms in self._recorded.items():
@@ -342,7 +360,7 @@ class LatencyEvaluator:
         return self._anchor
 
     def _anchored_ms(self, median_ms: float, anchor_ms: float | None) -> float | None:
-        """The candidate's ratio to the anchor, scaled by the anchor's first median (in ms)."""
+        """The candidate's ratio to the anchor, in the anchor's reference ms."""
         if anchor_ms is None or self._anchor is None or self._anchor.reference_ms is None:
             return None
         return median_ms / anchor_ms * self._anchor.reference_ms

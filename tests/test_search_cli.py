@@ -69,6 +69,38 @@ def test_candidates_are_timed_beside_an_anchor(tmp_path: Path) -> None:
     assert second.anchored_ms == pytest.approx(second.ratio * first.anchor_ms)
     assert evaluator.cached(ArchConfig(32, (1,), (64,), 16)) == first.median_ms  # raw, cached
 
+    # A second process of the study (a resumed run, another worker) on this machine: the
+    # anchor's cached latency is the reference, the same number for both.
+    evaluator(large)
+    resumed = LatencyEvaluator(
+        TINY_BASE,
+        seq=16,
+        threads=threads_here(),
+        protocol=Protocol(warmup=1, repeats=8),
+        cache=LatencyCache(tmp_path / "l.db"),
+        anchor=large,
+    )
+    third = resumed(ArchConfig(48, (3,), (96,), 16))
+    assert third.anchored_ms == pytest.approx(third.ratio * evaluator.cached(large))
+
+
+def test_a_disturbed_anchor_means_time_again(tmp_path: Path) -> None:
+    from canao.latency.measure import threads_here
+
+    container = ArchConfig(64, (4, 2), (256, 128), 16)
+    evaluator = LatencyEvaluator(
+        TINY_BASE,
+        seq=16,
+        threads=threads_here(),
+        protocol=Protocol(warmup=0, repeats=4),
+        anchor=container,
+        noise_band=100.0,  # no spread is "wide": only the anchor's own time decides
+        retime_limit=2,
+    )
+    assert evaluator(ArchConfig(32, (1,), (64,), 16)).retimed == 0
+    evaluator._anchor.reference_ms /= 1000  # the anchor now looks far off its usual time
+    assert evaluator(ArchConfig(64, (2,), (128,), 16)).retimed == 2
+
 
 def test_a_candidate_out_of_order_with_a_recorded_one_is_timed_again(tmp_path: Path) -> None:
     from canao.latency.measure import threads_here
