@@ -264,10 +264,7 @@ def quantize_primfunc(m: int, k: int, signed: bool = False) -> object:
 
     kp = padded(k, GROUP)
     x = te.placeholder((m, k), "float32", name="x")
-    r = te.reduce_axis((0, k), name="r")
-    lo = te.compute((m,), lambda i: te.min(x[i, r], axis=r), name="row_min")
-    r2 = te.reduce_axis((0, k), name="r2")
-    hi = te.compute((m,), lambda i: te.max(x[i, r2], axis=r2), name="row_max")
+    lo, hi = _row_min_max(x, m, k)
     zero_f, one = tirx.const(0.0, "float32"), tirx.const(1.0, "float32")
     half = tirx.const(0.5, "float32")
 
@@ -306,11 +303,60 @@ def quantize_primfunc(m: int, k: int, signed: bool = False) -> object:
     sch = s_tir.Schedule(func)
     # Each stage is its own pass over the rows (a row's min, max, then its bytes): the
     # activation is M x K floats, a few hundred KB, against the GEMM's M x K x N work.
-    for name in ("row_min", "row_max", "sa", "zf", "qa"):
+    lanes = ("lane_min", "lane_max") if k % MINMAX_LANES == 0 else ()
+    for name in (*lanes, "row_min", "row_max", "sa", "zf", "qa"):
         loops = sch.get_loops(sch.get_sblock(name))
         sch.parallel(loops[0])
+    for name in lanes:
+        _vectorise_lanes(sch, sch.get_sblock(name))
     sch.vectorize(sch.get_loops(sch.get_sblock("qa"))[-1])
     return sch.mod["main"].with_attrs({"op_pattern": 8, "tirx.is_scheduled": True})
+
+
+# A row's min and max are taken over this many lanes at once, then across the lanes.
+MINMAX_LANES = 16
+
+
+def _row_min_max(x: object, m: int, k: int) -> tuple[object, object]:
+    """Per-row min and max of ``x[M, K]`` in two steps: lane-wise over the row, then across.
+
+    A plain reduction is a serial chain of scalar compares: quantizing a 128 x 1536
+    activation took 302 us, 66 us with lanes (128 x 384: 57 -> 14 us). A K that is not a
+    whole number of lanes (none of the search space's sizes) keeps the plain reduction.
+    """
+    from tvm import te
+
+    lanes, chunks = MINMAX_LANES, k // MINMAX_LANES
+    if k % lanes:
+        r1, r2 = te.reduce_axis((0, k), name="r1"), te.reduce_axis((0, k), name="r2")
+        lo = te.compute((m,), lambda i: te.min(x[i, r1], axis=r1), name="row_min")  # type: ignore[index]
+        hi = te.compute((m,), lambda i: te.max(x[i, r2], axis=r2), name="row_max")  # type: ignore[index]
+        return lo, hi
+
+    def element(i: object, chunk: object, lane: object) -> object:
+        return x[i, chunk * lanes + lane]  # type: ignore[index]
+
+    c1, c2 = te.reduce_axis((0, chunks), name="c1"), te.reduce_axis((0, chunks), name="c2")
+    lane_min = te.compute(
+        (m, lanes), lambda i, lane: te.min(element(i, c1, lane), axis=c1), name="lane_min"
+    )
+    lane_max = te.compute(
+        (m, lanes), lambda i, lane: te.max(element(i, c2, lane), axis=c2), name="lane_max"
+    )
+    l1, l2 = te.reduce_axis((0, lanes), name="l1"), te.reduce_axis((0, lanes), name="l2")
+    lo = te.compute((m,), lambda i: te.min(lane_min[i, l1], axis=l1), name="row_min")
+    hi = te.compute((m,), lambda i: te.max(lane_max[i, l2], axis=l2), name="row_max")
+    return lo, hi
+
+
+def _vectorise_lanes(sch: object, block: object) -> None:
+    """Chunks outer, lanes inner and vectorised (before the init is split off: TVM
+    vectorises a loop of a reduction block, not of a bare update)."""
+    row, lane, chunk = sch.get_loops(block)  # type: ignore[attr-defined]
+    sch.reorder(row, chunk, lane)  # type: ignore[attr-defined]
+    sch.vectorize(lane)  # type: ignore[attr-defined]
+    init = sch.decompose_reduction(block, chunk)  # type: ignore[attr-defined]
+    sch.vectorize(sch.get_loops(init)[-1])  # type: ignore[attr-defined]
 
 
 def dense_int8_primfunc(
