@@ -307,6 +307,11 @@ class LatencyEvaluator:
         self._recorded[arch] = measurement.median_ms / anchor_ms * reference
         return TimedRun(measurement, output), anchor_ms, retimed
 
+    def remember(self, arch: ArchConfig, anchored_ms: float) -> None:
+        """An anchored latency measured before (another process of the study): checked
+        against like this process's own."""
+        self._recorded.setdefault(arch, anchored_ms)
+
     def _reference_ms(self, anchor: _Anchor, anchor_ms: float) -> float:
         """The ms an anchored ratio is scaled by: the anchor's own cached latency.
 

@@ -194,6 +194,7 @@ def run_search(
     """Run trials until the study holds ``settings.trials`` of them (shared by all workers)."""
     study = open_study(storage, space, settings)
     release_dead_trials(study)
+    _seed_order_check(study, evaluator)
     predictor = LatencyPredictor()
     deadline = _deadline(settings.budget_minutes)
     while budget_used(study) < settings.trials and time.monotonic() < deadline:
@@ -204,6 +205,21 @@ def run_search(
         if on_trial is not None:
             on_trial(study.get_trials(deepcopy=False)[-1])
     return study
+
+
+def _seed_order_check(study: optuna.Study, evaluator: CandidateEvaluator) -> None:
+    """Give a resumed or joining worker the study's anchored latencies for its order check.
+
+    Without them a new process checks each candidate only against what it measured itself
+    (how a container timed too fast slipped past the check in a resumed run).
+    """
+    latency = getattr(evaluator, "latency_evaluator", None)
+    if latency is None or not hasattr(latency, "remember"):
+        return
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        attrs = trial.user_attrs
+        if attrs.get("latency_anchor_ms") is not None and attrs.get("arch"):
+            latency.remember(ArchConfig.from_key(attrs["arch"]), float(attrs["latency_ms"]))
 
 
 def _run_trial(

@@ -264,3 +264,31 @@ def test_monotonicity_violations_beyond_the_band() -> None:
     assert within["pairs"] == 1 and within["violations"] == 0  # 4% slower: inside the band
     beyond = monotonicity_violations(frame, band=0.02)
     assert beyond["violations"] == 1 and beyond["worst"][0]["sub"] == small
+
+
+class _AnchoredFake(FakeEvaluator):
+    """Latencies as an anchored evaluator reports them, and a recorder for the order check."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.latency_evaluator = self
+        self.remembered: dict[ArchConfig, float] = {}
+
+    def remember(self, arch: ArchConfig, anchored_ms: float) -> None:
+        self.remembered[arch] = anchored_ms
+
+    def latency(self, arch: ArchConfig) -> LatencyResult:
+        raw = super().latency(arch).median_ms
+        return LatencyResult(raw, cached=False, anchor_ms=10.0, anchored_ms=raw * 0.9)
+
+
+def test_a_resumed_worker_checks_order_against_the_study_so_far(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    first = run_search(SPACE, _AnchoredFake(), settings(trials=6), storage)
+    recorded = {
+        ArchConfig.from_key(t.user_attrs["arch"]): t.user_attrs["latency_ms"]
+        for t in first.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    }
+    resumed = _AnchoredFake()
+    run_search(SPACE, resumed, settings(trials=6), storage)  # nothing left to run
+    assert resumed.remembered == pytest.approx(recorded) and len(recorded) > 1
