@@ -7,15 +7,15 @@ but every candidate still paid the ``torch.export`` import and canao's graph
 passes over the whole model (2-5 s by depth). Here each segment is imported and
 lowered once, up to the last stage before VM lowering, and cached by a key the
 caller gives (equal key: same module, same weights). A candidate's module is its
-segments' Relax functions, called in order from a small ``main``, plus the
-union of their kernels; only the last, cheap ``lower`` stage (memory planning,
-VM shape lowering) runs on it.
+segments' Relax functions called in order from a small ``main`` and inlined into
+it, plus the union of their kernels; only the last, cheap ``lower`` stage (memory
+planning, VM shape lowering) runs on it.
 
 Every pass before ``lower`` works inside one layer (the Q/K/V merge, the
 attention kernel, the residual + layer-norm kernel, the packed dense epilogues),
-so a stitched build launches the same kernels as a whole build of the same
-model; a test checks that, and every stitched build is checked against PyTorch
-like any other. The only difference is one VM function call per segment.
+so a stitched build launches the same kernels and VM builtins as a whole build of
+the same model; a test checks that, and every stitched build is checked against
+PyTorch like any other.
 """
 
 from __future__ import annotations
