@@ -32,8 +32,9 @@ def test_candidates_are_compiled_checked_measured_and_cached(tmp_path: Path) -> 
 
 
 def test_a_candidate_links_kernels_an_earlier_one_compiled(tmp_path: Path) -> None:
+    # Timed in a child process, so each candidate is exported too (linked from the cache).
     evaluator = LatencyEvaluator(
-        TINY_BASE, seq=16, threads=1, protocol=Protocol(warmup=0, repeats=2)
+        TINY_BASE, seq=16, threads=1, protocol=Protocol(warmup=0, repeats=2), in_process=False
     )
     two_layers = evaluator(ArchConfig(48, (3, 2), (96, 64), 16))
     # Its one layer has the first layer's sizes: every kernel was compiled for the first.
