@@ -120,7 +120,6 @@ def compile_model(
     instead of generated again (:mod:`canao.compiler.kernel_cache`); the output is
     the same, bit for bit.
     """
-    from tvm import relax
 
     target_spec = get_target(target) if isinstance(target, str) else target
     spec = spec or InputSpec()
@@ -130,14 +129,9 @@ def compile_model(
     imported = import_bert(model.module, spec)
     # LegalizeOps logs a harmless "Fast mode segfaults" warning per embedding
     # lookup from C++; errors still surface as Python exceptions.
-    cached = None
     with quiet_native_stderr(), tvm_target:  # type: ignore[attr-defined]
         lowered = pipeline_pass(imported)  # type: ignore[operator]
-        if kernel_cache is not None and target_spec.device_type == "cpu":
-            cached = build_from_cache(lowered, tvm_target, kernel_cache)
-            executable = cached.executable
-        else:
-            executable = relax.build(lowered, tvm_target, relax_pipeline=None)
+    executable, cached = _generate_code(lowered, target_spec, kernel_cache)
     return CompiledModel(
         model=model,
         spec=spec,
@@ -149,6 +143,20 @@ def compile_model(
         build_seconds=time.perf_counter() - start,
         cached=cached,
     )
+
+
+def _generate_code(
+    lowered: Any, target: TargetSpec, kernel_cache: KernelCache | None
+) -> tuple[Any, CachedBuild | None]:
+    """The VM executable of a lowered module: linked from ``kernel_cache`` (CPU), or whole."""
+    from tvm import relax
+
+    tvm_target = target.tvm_target()
+    with quiet_native_stderr(), tvm_target:  # type: ignore[attr-defined]
+        if kernel_cache is not None and target.device_type == "cpu":
+            cached = build_from_cache(lowered, tvm_target, kernel_cache)
+            return cached.executable, cached
+        return relax.build(lowered, tvm_target, relax_pipeline=None), None
 
 
 def can_stitch(model: LoadedModel, target: TargetSpec, pipeline: str, spec: InputSpec) -> bool:
@@ -174,27 +182,18 @@ def compile_stitched(
     ``segment_keys`` name the embeddings, each layer and the head; equal keys must mean
     equal modules with equal weights (a search's seeded latency workloads do).
     """
-    from tvm import relax
-
     target_spec = get_target(target) if isinstance(target, str) else target
     spec = spec or InputSpec()
     tvm_target = target_spec.tvm_target()
     if not can_stitch(model, target_spec, pipeline, spec):
         raise ValueError(f"{model.name} cannot be stitched for {target_spec.name}/{pipeline}")
     segments.check(tvm_target, pipeline, spec)
-    split = split_pipeline(pipeline, tvm_target)
-    assert split is not None
-    before_lower, lower = split
+    before_lower, lower = split_pipeline(pipeline, tvm_target)  # type: ignore[misc]
     start = time.perf_counter()
-    cached = None
     with quiet_native_stderr(), tvm_target:  # type: ignore[attr-defined]
         stitched, fresh = compile_segments(model.module, segment_keys, segments, before_lower, spec)
         lowered = lower(stitched)  # type: ignore[operator]
-        if kernel_cache is not None:
-            cached = build_from_cache(lowered, tvm_target, kernel_cache)
-            executable = cached.executable
-        else:
-            executable = relax.build(lowered, tvm_target, relax_pipeline=None)
+    executable, cached = _generate_code(lowered, target_spec, kernel_cache)
     return CompiledModel(
         model=model,
         spec=spec,

@@ -85,41 +85,37 @@ def test_candidates_are_timed_beside_an_anchor(tmp_path: Path) -> None:
     assert third.anchored_ms == pytest.approx(third.ratio * evaluator.cached(large))
 
 
-def test_a_disturbed_anchor_means_time_again(tmp_path: Path) -> None:
+CONTAINER = ArchConfig(64, (4, 2), (256, 128), 16)
+
+
+def _retiming_evaluator() -> LatencyEvaluator:
+    """Anchored on CONTAINER, timed in this process, at most 2 retimes."""
     from canao.latency.measure import threads_here
 
-    container = ArchConfig(64, (4, 2), (256, 128), 16)
-    evaluator = LatencyEvaluator(
+    return LatencyEvaluator(
         TINY_BASE,
         seq=16,
         threads=threads_here(),
         protocol=Protocol(warmup=0, repeats=4),
-        anchor=container,
-        noise_band=100.0,  # no spread is "wide": only the anchor's own time decides
+        anchor=CONTAINER,
+        noise_band=100.0,  # no spread is "wide": only the order or the anchor's time decides
         retime_limit=2,
     )
+
+
+def test_a_disturbed_anchor_means_time_again(tmp_path: Path) -> None:
+    evaluator = _retiming_evaluator()
     assert evaluator(ArchConfig(32, (1,), (64,), 16)).retimed == 0
     evaluator._anchor.reference_ms /= 1000  # the anchor now looks far off its usual time
     assert evaluator(ArchConfig(64, (2,), (128,), 16)).retimed == 2
 
 
 def test_a_candidate_out_of_order_with_a_recorded_one_is_timed_again(tmp_path: Path) -> None:
-    from canao.latency.measure import threads_here
-
-    container = ArchConfig(64, (4, 2), (256, 128), 16)
-    evaluator = LatencyEvaluator(
-        TINY_BASE,
-        seq=16,
-        threads=threads_here(),
-        protocol=Protocol(warmup=0, repeats=4),
-        anchor=container,
-        noise_band=100.0,  # no spread is "wide": only the order decides
-        retime_limit=2,
-    )
+    evaluator = _retiming_evaluator()
     calm = evaluator(ArchConfig(32, (1,), (64,), 16))
     assert calm.retimed == 0
     # A container recorded absurdly fast: its sub-network now looks out of order.
-    evaluator._recorded[container] = 1e-9
+    evaluator._recorded[CONTAINER] = 1e-9
     suspect = evaluator(ArchConfig(64, (2,), (128,), 16))
     assert suspect.retimed == 2  # timed again up to the limit, the order still broken
     assert suspect.max_abs_diff is not None and suspect.max_abs_diff < 1e-4
