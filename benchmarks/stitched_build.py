@@ -25,6 +25,7 @@ from canao.compiler.build import compile_model, compile_stitched
 from canao.compiler.importer import INPUT_NAMES, InputSpec, example_inputs
 from canao.compiler.kernel_cache import process_kernel_cache
 from canao.compiler.models import preset_config
+from canao.compiler.pipelines import codegen_pipeline
 from canao.compiler.segments import SegmentCache
 from canao.compiler.targets import get_target
 from canao.compiler.verify import verify_locally
@@ -46,7 +47,7 @@ def run(archs: int, seq: int, seed: int) -> pd.DataFrame:
     rng = random.Random(seed)
     target = get_target("x86")
     spec = InputSpec(1, seq)
-    kernels = process_kernel_cache(target.tvm_target())
+    kernels = process_kernel_cache(target.tvm_target(), codegen_pipeline("fast"))
     segments = SegmentCache(str(target.tvm_target()), "fast", spec.shapes())
     workloads = SeededWorkloads(base)
     inputs = example_inputs(base.vocab_size, 1, seq)

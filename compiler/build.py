@@ -22,7 +22,7 @@ from canao.compiler.importer import INPUT_NAMES, InputSpec, import_bert
 from canao.compiler.kernel_cache import CachedBuild, KernelCache, build_from_cache, export_cached
 from canao.compiler.kernels import KernelReport, kernel_report
 from canao.compiler.models import LoadedModel
-from canao.compiler.pipelines import get_pipeline, split_pipeline
+from canao.compiler.pipelines import codegen_pipeline, get_pipeline, split_pipeline
 from canao.compiler.segments import SegmentCache, compile_segments, stitchable
 from canao.compiler.targets import TargetSpec, get_target
 from canao.errors import ArtifactError
@@ -131,7 +131,7 @@ def compile_model(
     # lookup from C++; errors still surface as Python exceptions.
     with quiet_native_stderr(), tvm_target:  # type: ignore[attr-defined]
         lowered = pipeline_pass(imported)  # type: ignore[operator]
-    executable, cached = _generate_code(lowered, target_spec, kernel_cache)
+    executable, cached = _generate_code(lowered, target_spec, pipeline, kernel_cache)
     return CompiledModel(
         model=model,
         spec=spec,
@@ -146,17 +146,26 @@ def compile_model(
 
 
 def _generate_code(
-    lowered: Any, target: TargetSpec, kernel_cache: KernelCache | None
+    lowered: Any, target: TargetSpec, pipeline: str, kernel_cache: KernelCache | None
 ) -> tuple[Any, CachedBuild | None]:
     """The VM executable of a lowered module: linked from ``kernel_cache`` (CPU), or whole."""
     from tvm import relax
 
     tvm_target = target.tvm_target()
+    tir_pipeline = codegen_pipeline(pipeline)
     with quiet_native_stderr(), tvm_target:  # type: ignore[attr-defined]
         if kernel_cache is not None and target.device_type == "cpu":
+            if kernel_cache.tir_pipeline != tir_pipeline:
+                raise ValueError(  # a caller's bug: its kernels would differ from a whole build
+                    f"this kernel cache generates code with TIR pipeline "
+                    f"{kernel_cache.tir_pipeline!r}; pipeline {pipeline!r} needs {tir_pipeline!r}"
+                )
             cached = build_from_cache(lowered, tvm_target, kernel_cache)
             return cached.executable, cached
-        return relax.build(lowered, tvm_target, relax_pipeline=None), None
+        executable = relax.build(
+            lowered, tvm_target, relax_pipeline=None, tir_pipeline=tir_pipeline
+        )
+        return executable, None
 
 
 def can_stitch(model: LoadedModel, target: TargetSpec, pipeline: str, spec: InputSpec) -> bool:
@@ -193,7 +202,7 @@ def compile_stitched(
     with quiet_native_stderr(), tvm_target:  # type: ignore[attr-defined]
         stitched, fresh = compile_segments(model.module, segment_keys, segments, before_lower, spec)
         lowered = lower(stitched)  # type: ignore[operator]
-    executable, cached = _generate_code(lowered, target_spec, kernel_cache)
+    executable, cached = _generate_code(lowered, target_spec, pipeline, kernel_cache)
     return CompiledModel(
         model=model,
         spec=spec,

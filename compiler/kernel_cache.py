@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from canao.compiler.tir_pipeline import TIR_PIPELINE
+from canao.compiler.tir_pipeline import register as register_tir_pipeline
+
 
 @dataclass
 class _Kernel:
@@ -50,6 +53,8 @@ class KernelCache:
     """Compiled kernels of one target, by structural hash, for the life of this process."""
 
     target: str  # str(tvm Target): a cache never mixes code generated for two targets
+    # nor code from two TIR pipelines (pipelines.codegen_pipeline): canao's by default
+    tir_pipeline: str = TIR_PIPELINE
     _kernels: dict[int, list[_Kernel]] = field(default_factory=dict, repr=False)
     _folder: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -87,7 +92,11 @@ class KernelCache:
         import tvm
 
         func = bare.with_attr("global_symbol", name)
-        module = tvm.tirx.build(tvm.IRModule({name: func}), target=target)
+        if self.tir_pipeline == TIR_PIPELINE:
+            register_tir_pipeline()
+        module = tvm.tirx.build(
+            tvm.IRModule({name: func}), target=target, pipeline=self.tir_pipeline
+        )
         object_file = self.folder / f"{name}.o"
         module.write_to_file(str(object_file))
         return _Kernel(name, bare, module, object_file)
@@ -98,16 +107,17 @@ def _base_name(name: str) -> str:
     return name[:48]
 
 
-_CACHES: dict[str, KernelCache] = {}
+_CACHES: dict[tuple[str, str], KernelCache] = {}
 _CACHES_LOCK = threading.Lock()
 
 
-def process_kernel_cache(target: Any) -> KernelCache:
-    """The one cache of this process for ``target`` (every build of a search shares it)."""
-    key = str(target)
+def process_kernel_cache(target: Any, tir_pipeline: str = TIR_PIPELINE) -> KernelCache:
+    """The one cache of this process for ``target`` and ``tir_pipeline`` (every build of a
+    search shares it)."""
+    key = (str(target), tir_pipeline)
     with _CACHES_LOCK:
         if key not in _CACHES:
-            _CACHES[key] = KernelCache(key)
+            _CACHES[key] = KernelCache(*key)
         return _CACHES[key]
 
 

@@ -145,6 +145,18 @@ _CPU_PIPELINE_FLAGS: dict[str, dict[str, bool]] = {
 }
 
 
+def codegen_pipeline(name: str) -> str:
+    """The TIR pipeline that generates code for relax pipeline ``name``.
+
+    canao's CPU pipelines get :mod:`canao.compiler.tir_pipeline` (small buffers on the
+    stack, not in TVM's workspace pool); TVM's own pipelines keep TVM's, so ``default``
+    stays exactly what ``tvm.compile`` does.
+    """
+    from canao.compiler.tir_pipeline import register
+
+    return register() if name in _CPU_PIPELINE_FLAGS else "default"
+
+
 def split_pipeline(name: str, target: object) -> tuple[object, object] | None:
     """(every stage but ``lower``, ``lower``) of a canao CPU pipeline; None for the others.
 

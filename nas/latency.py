@@ -37,7 +37,7 @@ from canao.compiler.build import (
 from canao.compiler.importer import INPUT_NAMES, InputSpec, example_inputs
 from canao.compiler.kernel_cache import KernelCache, process_kernel_cache
 from canao.compiler.models import load_model
-from canao.compiler.pipelines import DEFAULT_PIPELINE
+from canao.compiler.pipelines import DEFAULT_PIPELINE, codegen_pipeline
 from canao.compiler.segments import SegmentCache
 from canao.compiler.targets import get_target
 from canao.compiler.verify import compare, verify, verify_locally
@@ -259,7 +259,7 @@ class LatencyEvaluator:
         spec = get_target(self.target)
         if not self.reuse_kernels or spec.device_type != "cpu":
             return None
-        return process_kernel_cache(spec.tvm_target())
+        return process_kernel_cache(spec.tvm_target(), codegen_pipeline(self.pipeline))
 
     def _times_here(self) -> bool:
         """Whether candidates are timed in this process (as :func:`measure` decides)."""

@@ -239,14 +239,16 @@ def _register_dot(isa: Int8Isa) -> str:
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
             T.writes(C[0:lanes])
-            a_i32 = T.reinterpret(A.vload([0], f"{a_dtype}x4"), dtype="int32")
-            a_bytes = T.reinterpret(T.broadcast(a_i32, lanes), dtype=f"{a_dtype}x{width}")
-            b_bytes = B.vload([0, 0], dtype=f"int8x{width}")
+            # One expression, no let-bound temporaries: TVM 0.27 turns each into a buffer
+            # allocated from the workspace pool on every call.
             C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(intrinsic),
                 C.vload([0], dtype=f"int32x{lanes}"),
-                a_bytes,
-                b_bytes,
+                T.reinterpret(
+                    T.broadcast(T.reinterpret(A.vload([0], f"{a_dtype}x4"), dtype="int32"), lanes),
+                    dtype=f"{a_dtype}x{width}",
+                ),
+                B.vload([0, 0], dtype=f"int8x{width}"),
                 dtype=f"int32x{lanes}",
             )
 
