@@ -517,7 +517,7 @@ def write_outputs(
         "trials_at_or_below_majority": int((frame["beats_majority"] == False).sum()),  # noqa: E712
         "trials": frame["state"].value_counts().to_dict(),
         "search_seconds_this_run": search_seconds,
-        "predictor": predictor_report(study),  # type: ignore[arg-type]
+        "predictor": predictor_report(study, getattr(evaluator, "latency_evaluator", None)),
         "latency_sources": _latency_sources(frame),
         "latency_noise": noise,
         "monotonicity": monotonicity_violations(

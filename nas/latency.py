@@ -37,7 +37,7 @@ from canao.compiler.build import (
 from canao.compiler.importer import INPUT_NAMES, InputSpec, example_inputs
 from canao.compiler.kernel_cache import KernelCache, process_kernel_cache
 from canao.compiler.models import load_model
-from canao.compiler.pipelines import DEFAULT_PIPELINE, codegen_pipeline
+from canao.compiler.pipelines import DEFAULT_PIPELINE, INT8_PIPELINES, codegen_pipeline
 from canao.compiler.segments import SegmentCache
 from canao.compiler.targets import get_target
 from canao.compiler.verify import compare, verify, verify_locally
@@ -380,7 +380,7 @@ class LatencyEvaluator:
 
 # ---- the per-kernel cost model ----
 
-KERNEL_KINDS = ("dense", "attention", "softmax", "norm")
+KERNEL_KINDS = ("dense", "attention", "softmax", "norm", "quantize")
 # Register tile of the packed dense kernel (compiler/schedules/dense.py): work is
 # done in whole tiles, so padded FLOPs predict its time better than exact ones.
 _TILE_M, _TILE_N = 8, 32
@@ -390,14 +390,19 @@ def _padded(value: int, multiple: int) -> int:
     return math.ceil(value / multiple) * multiple
 
 
-def kernel_work(arch: ArchConfig, seq: int = 128, batch: int = 1) -> dict[str, tuple[float, int]]:
+def kernel_work(
+    arch: ArchConfig, seq: int = 128, batch: int = 1, int8: bool = False
+) -> dict[str, tuple[float, int]]:
     """Per kernel kind: (total work, kernel count) of one inference, from the architecture.
 
     Work is padded multiply-adds for dense and attention products and
-    elements touched for softmax and norms. Counts follow the fused graph of
+    elements touched for softmax, norms and quantizers. Counts follow the fused graph of
     the ``fast`` pipeline: QKV as one dense, attention output, FFN in, FFN out;
     one fused attention kernel per layer (both products and the softmax, whose
-    exp work stays a separate feature); two residual+layer norms.
+    exp work stays a separate feature); two residual+layer norms. An ``int8`` build
+    (``fast-int8``) also quantizes each encoder dense layer's input, one kernel per input
+    (Q, K and V share theirs): its dense work is int8 multiply-adds, fitted by their own
+    cost because a predictor is fitted on one pipeline's timings.
     """
     m = _padded(batch * seq, _TILE_M)
     d = arch.hidden_size
@@ -412,6 +417,8 @@ def kernel_work(arch: ArchConfig, seq: int = 128, batch: int = 1) -> dict[str, t
         inner = heads * arch.head_dim
         for k, n in ((d, 3 * inner), (inner, d), (d, ffn), (ffn, d)):
             add("dense", m * k * _padded(n, _TILE_N))
+            if int8:
+                add("quantize", batch * seq * k)
         add("attention", 2 * batch * heads * seq * seq * arch.head_dim)
         add("softmax", batch * heads * seq * seq, 0)  # inside the attention kernel
         add("norm", 2 * batch * seq * d, 2)
@@ -419,9 +426,9 @@ def kernel_work(arch: ArchConfig, seq: int = 128, batch: int = 1) -> dict[str, t
     return {kind: (work, count) for kind, (work, count) in totals.items()}
 
 
-def features(arch: ArchConfig, seq: int = 128, batch: int = 1) -> np.ndarray:
+def features(arch: ArchConfig, seq: int = 128, batch: int = 1, int8: bool = False) -> np.ndarray:
     """[work per kind..., kernels per kind..., 1]: the predictor is linear in these."""
-    work = kernel_work(arch, seq, batch)
+    work = kernel_work(arch, seq, batch, int8)
     return np.array(
         [work[k][0] / 1e6 for k in KERNEL_KINDS] + [work[k][1] for k in KERNEL_KINDS] + [1.0]
     )
@@ -433,14 +440,27 @@ class LatencyPredictor:
 
     seq: int = 128
     batch: int = 1
+    int8: bool = False  # fitted on an int8 pipeline's timings (quantizer kernels counted)
     coef: np.ndarray | None = None
+
+    @classmethod
+    def like(cls, evaluator: object) -> LatencyPredictor:
+        """An unfitted predictor for the shapes and pipeline ``evaluator`` times."""
+        return cls(
+            seq=int(getattr(evaluator, "seq", 128)),
+            batch=int(getattr(evaluator, "batch", 1)),
+            int8=getattr(evaluator, "pipeline", None) in INT8_PIPELINES,
+        )
+
+    def _features(self, arch: ArchConfig) -> np.ndarray:
+        return features(arch, self.seq, self.batch, self.int8)
 
     @property
     def fitted(self) -> bool:
         return self.coef is not None
 
     def fit(self, archs: list[ArchConfig], latency_ms: list[float]) -> LatencyPredictor:
-        x = np.stack([features(a, self.seq, self.batch) for a in archs])
+        x = np.stack([self._features(a) for a in archs])
         y = np.asarray(latency_ms, dtype=float)
         # Relative error is what matters (a 1 ms miss on a 2 ms model is large): weight by 1/y.
         w = 1.0 / y
@@ -450,7 +470,7 @@ class LatencyPredictor:
     def predict(self, arch: ArchConfig) -> float:
         if self.coef is None:
             raise ValueError("predictor not fitted")
-        return float(features(arch, self.seq, self.batch) @ self.coef)
+        return float(self._features(arch) @ self.coef)
 
     def holdout_mape(
         self, archs: list[ArchConfig], latency_ms: list[float], folds: int = 5
@@ -462,7 +482,7 @@ class LatencyPredictor:
         for fold in range(folds):
             test = [i for i in range(len(archs)) if i % folds == fold]
             train = [i for i in range(len(archs)) if i % folds != fold]
-            model = LatencyPredictor(self.seq, self.batch).fit(
+            model = LatencyPredictor(self.seq, self.batch, self.int8).fit(
                 [archs[i] for i in train], [latency_ms[i] for i in train]
             )
             errors += [abs(model.predict(archs[i]) / latency_ms[i] - 1) for i in test]

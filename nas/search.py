@@ -195,7 +195,7 @@ def run_search(
     study = open_study(storage, space, settings)
     release_dead_trials(study)
     _seed_order_check(study, evaluator)
-    predictor = LatencyPredictor()
+    predictor = LatencyPredictor.like(getattr(evaluator, "latency_evaluator", None))
     deadline = _deadline(settings.budget_minutes)
     while budget_used(study) < settings.trials and time.monotonic() < deadline:
         trial = study.ask()
@@ -441,8 +441,9 @@ def best_trial(frame: pd.DataFrame, settings: SearchSettings) -> pd.Series:
     return within.sort_values(["accuracy", "latency_ms"], ascending=[False, True]).iloc[0]
 
 
-def predictor_report(study: optuna.Study) -> dict[str, object]:
-    """Held-out error of the latency predictor on this study's measurements."""
-    archs, latency = measured_points(study)
-    mape = LatencyPredictor().holdout_mape(archs, latency)
+def predictor_report(study: optuna.Study, latency: object = None) -> dict[str, object]:
+    """Held-out error of the latency predictor on this study's measurements (``latency``: the
+    LatencyEvaluator that timed them, for its shapes and pipeline)."""
+    archs, measured = measured_points(study)
+    mape = LatencyPredictor.like(latency).holdout_mape(archs, measured)
     return {"points": len(archs), "holdout_mape": mape}

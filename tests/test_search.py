@@ -117,13 +117,36 @@ def test_resuming_needs_the_same_settings(tmp_path: Path) -> None:
 def test_predictor_recovers_per_kernel_costs_and_reports_held_out_error() -> None:
     rng = np.random.default_rng(0)
     archs = [SPACE.sample(__import__("random").Random(i)) for i in range(40)]
-    cost = np.array([0.004, 0.006, 0.002, 0.001, 0.01, 0.008, 0.005, 0.003, 0.2])
+    # work per kind (dense, attention, softmax, norm, quantize), kernels per kind, constant
+    cost = np.array([0.004, 0.006, 0.002, 0.001, 0.0, 0.01, 0.008, 0.005, 0.003, 0.0, 0.2])
     latency = [float(features(a) @ cost) * (1 + rng.normal(0, 0.01)) for a in archs]
     predictor = LatencyPredictor().fit(archs, latency)
     errors = [abs(predictor.predict(a) / y - 1) for a, y in zip(archs, latency, strict=True)]
     assert np.mean(errors) < 0.02
     assert LatencyPredictor().holdout_mape(archs, latency) < 0.03
     assert LatencyPredictor().holdout_mape(archs[:5], latency[:5]) is None
+
+
+def test_int8_predictor_counts_the_quantizers() -> None:
+    from types import SimpleNamespace
+
+    from canao.nas.latency import kernel_work
+
+    arch = ArchConfig(256, (4, 2), (1024, 512), head_dim=32)
+    assert kernel_work(arch, seq=64)["quantize"] == (0.0, 0)
+    # One quantizer per encoder dense input: QKV (hidden), attention out (heads x 32),
+    # FFN in (hidden), FFN out (FFN size); per token.
+    inputs = (256 + 128 + 256 + 1024) + (256 + 64 + 256 + 512)
+    assert kernel_work(arch, seq=64, int8=True)["quantize"] == (64.0 * inputs, 8)
+    like = LatencyPredictor.like(SimpleNamespace(seq=64, batch=1, pipeline="fast-int8"))
+    assert (like.seq, like.batch, like.int8) == (64, 1, True)
+    assert not LatencyPredictor.like(SimpleNamespace(seq=64, pipeline="fast")).int8
+    # int8 timings with a per-element quantizer cost: fitted on int8 features.
+    rng = np.random.default_rng(1)
+    archs = [SPACE.sample(__import__("random").Random(i)) for i in range(60)]
+    cost = np.array([0.001, 0.006, 0.002, 0.001, 0.05, 0.01, 0.008, 0.005, 0.003, 0.01, 0.2])
+    latency = [float(features(a, 64, int8=True) @ cost) * (1 + rng.normal(0, 0.005)) for a in archs]
+    assert like.holdout_mape(archs, latency) < 0.02
 
 
 class CountingEvaluator(FakeEvaluator):
