@@ -91,7 +91,8 @@ def kernel_rows(compiled: object, model: str, seq: int) -> list[dict[str, object
         isa = next(i for i in ISAS if rest.startswith(i.replace("-", "_") + "_"))
         epilogue, shape = rest.removeprefix(isa.replace("-", "_") + "_").rsplit("_", 1)
         m, kp, n = (int(v) for v in shape.split("x"))
-        kernel, ops = _compiled_kernel(m, kp, n, epilogue, Int8Tiling.for_isa(isa))
+        tile = Int8Tiling.for_isa(isa).for_shape(m, kp)  # as the pass chose it
+        kernel, ops = _compiled_kernel(m, kp, n, epilogue, tile)
         seconds = time_interleaved({"kernel": kernel, "peak": peak}, Protocol(3, 40, 5))
         kernel_s, peak_s = (float(np.median(seconds[k])) for k in ("kernel", "peak"))
         gops, peak_gops = ops / kernel_s / 1e9, peak_ops / peak_s / 1e9

@@ -42,14 +42,15 @@ pytestmark = pytest.mark.skipif(not _host_has_vnni(), reason="this CPU has no AV
 def run_kernel(
     x: np.ndarray, w: np.ndarray, b: np.ndarray, epilogue: str, isa: str = "avx512-vnni"
 ) -> tuple:
-    """Quantize + int8 GEMM as the pass lays them out (K and N padded); (output, asm).
+    """Quantize + int8 GEMM as the pass lays them out (K and N padded, the tile chosen for
+    the shape); (output, asm).
 
     This host (AVX-512 VNNI and VL) runs every x86 path: the 256-bit one in its EVEX form.
     """
     import tvm
 
-    tiling = Int8Tiling.for_isa(isa)
     m, k = x.shape
+    tiling = Int8Tiling.for_isa(isa).for_shape(m, padded(k, GROUP))
     n = w.shape[1]
     kp, wide = padded(k, GROUP), padded(n, tiling.nb)
     qw, sw = quantize_weight(w)
@@ -89,7 +90,16 @@ AWKWARD_SHAPES = [
     (1, 384, 384, "bias"),  # the pooler's single row
     (12, 64, 192, "none"),
     (16, 96, 130, "bias_gelu"),
+    (16, 770, 100, "bias_gelu"),  # a long reduction: the 8 x 48 tile on AVX-512 VNNI
 ]
+
+
+def test_long_reductions_take_the_taller_tile() -> None:
+    tiling = Int8Tiling()
+    assert (tiling.for_shape(16, 772).mr, tiling.for_shape(16, 772).nb) == (8, 48)
+    assert tiling.for_shape(16, 384) == tiling  # short reduction: 4 x 64
+    assert tiling.for_shape(12, 772) == tiling  # M not whole 8-row tiles
+    assert Int8Tiling.for_isa("avx2").for_shape(16, 772) == Int8Tiling.for_isa("avx2")
 
 
 @pytest.mark.parametrize("isa", ["avx512-vnni", "avx-vnni", "avx2"])

@@ -136,8 +136,8 @@ class _Rewriter:
         """Quantize ``x`` per row, then one int8 GEMM with dequant/bias/GELU in its write-back."""
         from tvm import relax
 
-        tiling = self.int8
-        assert tiling is not None
+        assert self.int8 is not None
+        tiling = self.int8.for_shape(m, padded(k, GROUP))
         kp, wide = padded(k, GROUP), padded(n, tiling.nb)
         qw, sw = quantize_weight(weight)
         qw = np.pad(qw, ((0, 0), (0, wide - n)))  # zero columns: sliced off below
