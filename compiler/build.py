@@ -152,7 +152,7 @@ def _generate_code(
     from tvm import relax
 
     tvm_target = target.tvm_target()
-    tir_pipeline = codegen_pipeline(pipeline)
+    tir_pipeline = codegen_pipeline(pipeline, target.device_type)
     with quiet_native_stderr(), tvm_target:  # type: ignore[attr-defined]
         if kernel_cache is not None and target.device_type == "cpu":
             if kernel_cache.tir_pipeline != tir_pipeline:

@@ -145,16 +145,16 @@ _CPU_PIPELINE_FLAGS: dict[str, dict[str, bool]] = {
 }
 
 
-def codegen_pipeline(name: str) -> str:
-    """The TIR pipeline that generates code for relax pipeline ``name``.
+def codegen_pipeline(name: str, device_type: str = "cpu") -> str:
+    """The TIR pipeline that generates code for relax pipeline ``name`` on ``device_type``.
 
-    canao's CPU pipelines get :mod:`canao.compiler.tir_pipeline` (small buffers on the
-    stack, not in TVM's workspace pool); TVM's own pipelines keep TVM's, so ``default``
-    stays exactly what ``tvm.compile`` does.
+    canao's pipelines on a CPU get :mod:`canao.compiler.tir_pipeline` (small buffers on the
+    stack, not in TVM's workspace pool); TVM's own pipelines, and GPUs, keep TVM's, so
+    ``default`` stays exactly what ``tvm.compile`` does.
     """
     from canao.compiler.tir_pipeline import register
 
-    return register() if name in _CPU_PIPELINE_FLAGS else "default"
+    return register() if name in _CPU_PIPELINE_FLAGS and device_type == "cpu" else "default"
 
 
 def split_pipeline(name: str, target: object) -> tuple[object, object] | None:

@@ -91,3 +91,4 @@ def test_canao_pipelines_generate_code_with_canao_tir_pipeline() -> None:
     # TVM's own pipelines stay what tvm.compile does.
     assert codegen_pipeline("default") == "default"
     assert codegen_pipeline("default-fused") == "default"
+    assert codegen_pipeline("fast", "cuda") == "default"  # GPUs: TVM's code generation
