@@ -148,11 +148,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--out", type=Path, default=cache_root() / "bench-search")
+    parser.add_argument(
+        "--objective",
+        default="soft",
+        help="reward (the README's figures used soft; canao search defaults to hard)",
+    )
     args = parser.parse_args()
     if os.environ["TVM_NUM_THREADS"] != str(args.threads):
         parser.error(f"run with TVM_NUM_THREADS={args.threads} for --threads {args.threads}")
     job = SearchJob(
         task=args.task,
+        objective=args.objective,
         controller=args.controller,
         trials=args.trials,
         latency_ms=args.latency_ms,

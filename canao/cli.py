@@ -180,8 +180,10 @@ def _add_search_parser(commands: argparse._SubParsersAction) -> None:
     search.add_argument(
         "--objective",
         choices=("soft", "hard", "pareto"),
-        default="soft",
-        help="MnasNet soft or hard latency constraint, or two-objective Pareto search",
+        default="hard",
+        help="hard (default): the most accurate model within the latency target; soft: "
+        "MnasNet's soft constraint, which also rewards being faster than the target; pareto: "
+        "two objectives",
     )
     search.add_argument("--weight", type=float, default=-0.07, help="soft-constraint exponent")
     search.add_argument(
