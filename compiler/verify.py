@@ -15,7 +15,7 @@ import numpy as np
 from canao.compiler.build import CompiledModel
 from canao.compiler.importer import example_inputs, torch_reference
 from canao.compiler.pipelines import INT8_PIPELINES
-from canao.compiler.quantized import INT8_ATOL, INT8_RTOL, NOISE_FACTOR, quantized_reference
+from canao.compiler.quantized import INT8_ATOL, INT8_RTOL, int8_bound, quantized_reference
 from canao.errors import NumericsMismatchError
 
 # Sequence lengths a symbolic-length build is checked at.
@@ -58,7 +58,9 @@ def compare(
             f"{output.shape} differs from PyTorch's {reference.shape}"
         )
     diff = float(np.abs(output.astype(np.float64) - reference).max())
-    bound = max(tolerance.bound(reference), tolerance.atol + NOISE_FACTOR * noise)
+    bound = tolerance.bound(reference)
+    if int8:
+        bound = max(bound, int8_bound(reference, noise))
     if not diff <= bound:  # also catches NaN
         raise NumericsMismatchError(
             f"{compiled.model.name} on {compiled.target.name}/{compiled.pipeline} ({device}): "

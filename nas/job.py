@@ -539,6 +539,9 @@ def write_outputs(
     if job.export_winner and job.retrain.steps > 0 and job.retrain_top > 1:
         winner, model = retrain_front(evaluator, front, winner, job, settings, summary, log)
     summary["speedup_vs_teacher"] = float(teacher["latency_ms"]) / float(winner["latency_ms"])
+    # Written before the export too: a winner that fails its build or numerics check still
+    # leaves the search's summary (its checkpoint is already saved by then).
+    (job.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     if job.export_winner:
         summary["winner_export"] = str(
             export_winner(evaluator, winner, job, summary, log, model=model)

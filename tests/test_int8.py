@@ -286,3 +286,14 @@ def test_aarch64_int8_kernel_uses_the_dot_instruction_the_cpu_has(
         assert "sdot" not in asm and "usdot" not in asm
     else:
         assert re.search(rf"\b{instruction}\b", asm), isa
+
+
+def test_int8_bound_has_a_floor_where_pooled_noise_cancels() -> None:
+    from canao.compiler.quantized import INT8_ATOL, NOISE_FACTOR, NOISE_FLOOR, int8_bound
+
+    logits = np.array([1.0, -1.0])
+    # The reference's own quantization error happened to be tiny: the floor decides.
+    assert int8_bound(logits, 1e-4) == pytest.approx(INT8_ATOL + NOISE_FACTOR * NOISE_FLOOR)
+    # Hidden states (many values) keep the measured noise, however small.
+    hidden = np.ones((16, 64))
+    assert int8_bound(hidden, 1e-4) == pytest.approx(INT8_ATOL + NOISE_FACTOR * 1e-4)
