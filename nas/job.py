@@ -532,7 +532,7 @@ def write_outputs(
             "no completed candidate beats the majority class "
             f"(accuracy {evaluator.majority.get('accuracy', float('nan')):.4f}): nothing exported"
         )
-        (job.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        _write_summary(job, summary)
         log(f"no winner: {summary['no_winner']}; outputs in {job.out}")
         return SearchOutcome(frame, front, None, summary, job.out, evaluator)
     model = None
@@ -541,12 +541,12 @@ def write_outputs(
     summary["speedup_vs_teacher"] = float(teacher["latency_ms"]) / float(winner["latency_ms"])
     # Written before the export too: a winner that fails its build or numerics check still
     # leaves the search's summary (its checkpoint is already saved by then).
-    (job.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    _write_summary(job, summary)
     if job.export_winner:
         summary["winner_export"] = str(
             export_winner(evaluator, winner, job, summary, log, model=model)
         )
-    (job.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    _write_summary(job, summary)
     scores = {name: float(winner[name]) for name in evaluator.metric_names if name in winner}
     retrained = summary.get("retrain")
     after = f" (retrained alone: {describe(retrained['after'])})" if retrained else ""  # type: ignore[index]
@@ -557,6 +557,10 @@ def write_outputs(
         f"majority class; outputs in {job.out}"
     )
     return SearchOutcome(frame, front, winner, summary, job.out, evaluator)
+
+
+def _write_summary(job: SearchJob, summary: dict[str, object]) -> None:
+    (job.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
 
 def flag_majority(frame: pd.DataFrame, evaluator: SupernetEvaluator) -> pd.DataFrame:

@@ -137,8 +137,9 @@ class _Rewriter:
         from tvm import relax
 
         assert self.int8 is not None
-        tiling = self.int8.for_shape(m, padded(k, GROUP))
-        kp, wide = padded(k, GROUP), padded(n, tiling.nb)
+        kp = padded(k, GROUP)
+        tiling = self.int8.for_shape(m, kp)
+        wide = padded(n, tiling.nb)
         qw, sw = quantize_weight(weight)
         qw = np.pad(qw, ((0, 0), (0, wide - n)))  # zero columns: sliced off below
         sw = np.pad(sw, (0, wide - n), constant_values=1.0).astype(np.float32)
