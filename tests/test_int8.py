@@ -29,25 +29,45 @@ from canao.compiler.verify import verify_locally
 from canao.errors import NumericsMismatchError
 from tests.conftest import write_config
 
+# What each x86 kernel needs to run here (AVX-VNNI's 256-bit form also runs as EVEX on an
+# AVX-512 VNNI + VL host). Tests that only compile run on any host.
+HOST_FEATURES = {
+    "avx512-vnni": (["avx512vnni", "avx512bw"],),
+    "avx-vnni": (["avxvnni"], ["avx512vnni", "avx512vl"]),
+    "avx2": (["avx2"],),
+}
 
-def _host_has_vnni() -> bool:
+
+def host_runs(isa: str) -> bool:
     from tvm.target.codegen import llvm_cpu_has_features
 
-    return bool(llvm_cpu_has_features(["avx512vnni"], get_target("x86").tvm_target()))
+    host = get_target("x86").tvm_target()
+    return any(bool(llvm_cpu_has_features(need, host)) for need in HOST_FEATURES[isa])
 
 
-pytestmark = pytest.mark.skipif(not _host_has_vnni(), reason="this CPU has no AVX-512 VNNI")
+def host_isa() -> str | None:
+    """The int8 kernel canao picks for this host (None: no int8 path here)."""
+    from canao.compiler.schedules.dense_int8 import int8_isa
+    from canao.errors import CanaoError
+
+    try:
+        return int8_isa(get_target("x86").tvm_target())
+    except CanaoError:
+        return None
+
+
+needs_int8_host = pytest.mark.skipif(host_isa() is None, reason="this CPU has no int8 path")
 
 
 def run_kernel(
     x: np.ndarray, w: np.ndarray, b: np.ndarray, epilogue: str, isa: str = "avx512-vnni"
 ) -> tuple:
     """Quantize + int8 GEMM as the pass lays them out (K and N padded, the tile chosen for
-    the shape); (output, asm).
-
-    This host (AVX-512 VNNI and VL) runs every x86 path: the 256-bit one in its EVEX form.
-    """
+    the shape); (output, asm)."""
     import tvm
+
+    if not host_runs(isa):
+        pytest.skip(f"this CPU cannot run the {isa} kernel")
 
     m, k = x.shape
     tiling = Int8Tiling.for_isa(isa).for_shape(m, padded(k, GROUP))
@@ -56,7 +76,8 @@ def run_kernel(
     qw, sw = quantize_weight(w)
     target = get_target("x86").tvm_target()
     quant = tvm.compile(
-        tvm.IRModule({"main": quantize_primfunc(m, k, tiling.signed)}), target=target
+        tvm.IRModule({"main": quantize_primfunc(m, k, tiling.spec.activation_dtype)}),
+        target=target,
     )
     gemm = tvm.compile(
         tvm.IRModule({"main": dense_int8_primfunc(m, kp, wide, epilogue, tiling)}),
@@ -115,8 +136,10 @@ def test_int8_kernel_matches_its_reference_on_awkward_shapes(
     # Exact integer sums on both sides: only the final float scaling rounds differently.
     np.testing.assert_allclose(got, expected, atol=1e-5 * max(1.0, np.abs(expected).max()))
     register = {"avx512-vnni": "zmm", "avx-vnni": "ymm"}.get(isa)
-    if register is None:  # AVX2: widening multiply-adds, no VNNI instruction
+    if register is None:  # AVX2: int16 pair products (vpmaddwd) on widened weights, no VNNI
         assert "vpdpbusd" not in asm
+        assert re.search(r"^\s*vpmaddwd\s.*%ymm\d+$", asm, re.MULTILINE)
+        assert re.search(r"^\s*vpmovsxbw\s", asm, re.MULTILINE)  # weights stay int8 in memory
     else:  # the VNNI instruction at this width (its accumulator, the last operand), not a
         # scalar or pmaddubsw fallback; the weights may come straight from memory
         assert re.search(rf"^\s*vpdpbusd\s.*%{register}\d+$", asm, re.MULTILINE), isa
@@ -127,39 +150,50 @@ def test_int8_kernel_matches_its_reference_on_awkward_shapes(
     assert np.abs(got - fp32).max() < 0.05 * np.abs(fp32).max()
 
 
-def test_activation_quantization_is_exact() -> None:
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "int16"])
+def test_activation_quantization_is_exact(dtype: str) -> None:
     import tvm
 
     x = np.random.default_rng(0).standard_normal((5, 30)).astype(np.float32)
     x[2] = np.abs(x[2])  # a row with no negative value: the zero point is 0
     x[3] = 0.0  # an all-zero row: scale 1, nothing divides by zero
     lib = tvm.compile(
-        tvm.IRModule({"main": quantize_primfunc(5, 30)}), get_target("x86").tvm_target()
+        tvm.IRModule({"main": quantize_primfunc(5, 30, dtype)}), get_target("x86").tvm_target()
     )
     dev = tvm.cpu()
-    qa = tvm.runtime.empty((5, 32), "uint8", dev)
+    qa = tvm.runtime.empty((5, 32), dtype, dev)
     sa, za = (tvm.runtime.empty((5,), "float32", dev) for _ in range(2))
     lib["main"](tvm.runtime.tensor(x, dev), qa, sa, za)
     q, scale, zero = quantize_rows(torch.from_numpy(x))
-    assert np.array_equal(qa.numpy()[:, :30], q.numpy().astype(np.uint8))
+    shift = 128 if dtype == "int8" else 0  # sdot's signed storage: qa - 128
+    assert np.array_equal(qa.numpy()[:, :30].astype(np.int32) + shift, q.numpy().astype(np.int32))
     assert not qa.numpy()[:, 30:].any()  # K padding is zero
     np.testing.assert_array_equal(sa.numpy(), scale.numpy())
     np.testing.assert_array_equal(za.numpy(), zero.numpy())
     assert za.numpy()[2] == 0 and sa.numpy()[3] == 1.0
 
 
+@needs_int8_host
 def test_int8_build_is_checked_against_the_same_scheme_in_pytorch(tmp_path: Path) -> None:
+    from canao.compiler.schedules.dense_int8 import ISAS
+    from canao.compiler.schedules.pack_dense import STORED_NAMES
+
+    isa = host_isa()
+    assert isa is not None
     model = load_model(write_config(tmp_path, intermediate_size=160), head="classification")
     compiled = compile_model(model, "x86", "fast-int8", InputSpec(1, 24))
     names = [gv.name_hint for gv in compiled.lowered.functions]
-    assert any(name.startswith("canao_dense_int8_avx512_vnni_bias_gelu") for name in names)
-    assert any(name.startswith("canao_quantize_u8") for name in names)
+    kernel = f"canao_dense_int8_{isa.replace('-', '_')}_bias_gelu"
+    assert any(name.startswith(kernel) for name in names), names
+    stored = STORED_NAMES[ISAS[isa].activation_dtype]
+    assert any(name.startswith(f"canao_quantize_{stored}") for name in names)
     numerics = verify_locally(compiled)
     assert numerics["max_abs_diff"] <= numerics["tolerance"]
     assert numerics["fp32_max_abs_diff"] > 0  # lossy, and reported as such
     assert "quantized" in str(numerics["reference"])
 
 
+@needs_int8_host
 def test_a_wrong_int8_kernel_fails_the_check(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -177,6 +211,7 @@ def test_a_wrong_int8_kernel_fails_the_check(
         verify_locally(compiled)
 
 
+@needs_int8_host
 def test_compile_with_precision_int8_reports_both_distances(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -252,6 +287,25 @@ def test_avx_vnni_kernel_is_vex_encoded_for_a_cpu_without_avx512() -> None:
     assert "vpdpbusd" in asm and "zmm" not in asm
 
 
+def test_avx2_kernel_is_pair_products_on_int8_weights_for_a_cpu_without_vnni() -> None:
+    """Compiled for Haswell (AVX2, no VNNI), whatever this host has: vpmaddwd on the
+    int16 activations and the widened weights, each weight load used by every row."""
+    import tvm
+
+    tiling = Int8Tiling.for_isa("avx2")
+    assert (tiling.group, tiling.spec.activation_dtype) == (2, "int16")
+    func = dense_int8_primfunc(4, 64, tiling.nb, "bias_gelu", tiling)
+    lib = tvm.compile(
+        tvm.IRModule({"main": func}),
+        target=tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}),
+    )
+    asm = lib.mod.inspect_source("asm")  # type: ignore[union-attr]
+    madds = len(re.findall(r"^\s*vpmaddwd\s", asm, re.MULTILINE))
+    widens = len(re.findall(r"^\s*vpmovsxbw\s", asm, re.MULTILINE))
+    assert "vpdpbusd" not in asm and "zmm" not in asm
+    assert madds > 0 and madds == tiling.mr * widens  # one widening per panel, not per row
+
+
 def test_int8_on_a_cpu_without_avx2_fails_before_training() -> None:
     import tvm
 
@@ -277,7 +331,7 @@ def test_aarch64_int8_kernel_uses_the_dot_instruction_the_cpu_has(
 
     target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": mattr})
     tiling = Int8Tiling.for_isa(isa)
-    quant = quantize_primfunc(4, 64, tiling.signed)
+    quant = quantize_primfunc(4, 64, tiling.spec.activation_dtype)
     gemm = dense_int8_primfunc(4, 64, tiling.nb, "bias_gelu", tiling)
     funcs = {"quant": quant.with_attr("global_symbol", "quant"), "main": gemm}
     lib = tvm.compile(tvm.IRModule(funcs), target=target)

@@ -17,10 +17,12 @@ The micro-kernel is chosen from the target's features (:func:`int8_tiling`, :dat
 AVX-512 VNNI (``vpdpbusd`` on zmm, 16 lanes), AVX-VNNI (``vpdpbusd`` on ymm, 8 lanes),
 aarch64 i8mm (``usdot``, 4 lanes, uint8 x int8), aarch64 dotprod (``sdot``, 4 lanes: signed
 x signed, so activations are stored as ``qa - 128`` and the zero-point term uses
-``za - 128``, the same integers), and, where a
-CPU has none of them, plain widening multiply-adds that LLVM vectorises (AVX2, NEON):
-correct, slower. Every path computes the same integers; the weights' packing follows the
-lane count, ``Wq[N // lanes, Kp // 4, lanes, 4]``.
+``za - 128``, the same integers), AVX2 without VNNI (``vpmaddwd``, 8 lanes: activations
+stored as int16, weights widened from int8 in the register, pairs of products summed into
+int32, then added), and, on NEON without dotprod, plain widening multiply-adds that LLVM
+vectorises: correct, slower. Every path computes the same integers; the weights' packing
+follows the lane count and the instruction's group of k (4, or 2 for ``vpmaddwd``),
+``Wq[N // lanes, Kp // group, lanes, group]``, int8 on every path.
 
 An activation is scaled by the row's reciprocal scale ``1 / sa`` (one IEEE division per row;
 a division per element was 40% of the quantizer's time) and rounded half to even
@@ -39,7 +41,8 @@ import numpy as np
 from canao.compiler.schedules.vector_math import gelu_expr
 
 EPILOGUES = ("none", "bias", "bias_gelu")
-GROUP = 4  # 8-bit products summed per int32 lane by vpdpbusd / sdot
+GROUP = 4  # K is padded to a multiple of this (the 8-bit dot instructions' group of k)
+QUANTIZED_DTYPES = ("uint8", "int8", "int16")
 SIGNED_SHIFT = 128  # signed-activation paths store qa - 128 (sdot multiplies int8 x int8)
 LONG_REDUCTION = 768  # from this K on, AVX-512 VNNI dense layers use the 8 x 48 tile
 
@@ -51,9 +54,11 @@ class Int8Isa:
     name: str
     lanes: int  # int32 accumulators per vector register
     intrinsic: str | None  # LLVM dot-product intrinsic; None: widening multiply-adds
-    activation_dtype: str  # what the quantize kernel stores: uint8, or int8 (qa - 128)
+    activation_dtype: str  # what the quantize kernel stores: uint8, int8 (qa - 128), int16
     panels: int  # lanes-wide column panels per register tile (mr x panels accumulators)
     requires: str  # for messages: the CPU feature it is chosen by
+    group: int = 4  # k values one lane sums per instruction (the packing's innermost axis)
+    accumulates: bool = True  # the intrinsic adds into its first operand (else: add after)
 
 
 ISAS: dict[str, Int8Isa] = {
@@ -65,7 +70,14 @@ ISAS: dict[str, Int8Isa] = {
         # i8mm's usdot multiplies uint8 x int8 as vpdpbusd does: no shifted activations.
         Int8Isa("neon-i8mm", 4, "llvm.aarch64.neon.usdot.v4i32.v16i8", "uint8", 4, "i8mm"),
         Int8Isa("neon-dot", 4, "llvm.aarch64.neon.sdot.v4i32.v16i8", "int8", 4, "dotprod"),
-        Int8Isa("avx2", 8, None, "uint8", 2, "avx2"),
+        # AVX2 has no 8-bit dot product that is exact on full-range uint8 x int8 (pmaddubsw
+        # saturates), so activations are stored as int16 (0..255), int8 weights are widened
+        # in registers, and vpmaddwd sums pairs of int16 products into int32, as XNNPACK's
+        # AVX2 QD8 kernels do. 2 x 2 panels: 8 accumulators, the weights loaded once per
+        # pair of k and used by all four rows.
+        Int8Isa(
+            "avx2", 8, "llvm.x86.avx2.pmadd.wd", "int16", 2, "avx2", group=2, accumulates=False
+        ),
         Int8Isa("neon", 4, None, "uint8", 2, "neon"),
     )
 }
@@ -104,6 +116,10 @@ class Int8Tiling:
     @property
     def lanes(self) -> int:
         return self.spec.lanes
+
+    @property
+    def group(self) -> int:
+        return self.spec.group
 
     @property
     def nb(self) -> int:
@@ -162,16 +178,16 @@ def quantize_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pack_int8_weight(qw: np.ndarray, tiling: Int8Tiling) -> np.ndarray:
-    """``qw[K, N] -> Wq[N // lanes, Kp // 4, lanes, 4]`` (N a multiple of the tile width,
-    K padded with 0)."""
+    """``qw[K, N] -> Wq[N // lanes, Kp // group, lanes, group]`` (N a multiple of the tile
+    width, K padded with 0 to a multiple of 4)."""
     k, n = qw.shape
     if n % tiling.nb:
         raise ValueError(f"N={n} is not a multiple of the tile width {tiling.nb}")
-    kp, lanes = padded(k, GROUP), tiling.lanes
+    kp, lanes, group = padded(k, GROUP), tiling.lanes, tiling.group
     full = np.zeros((kp, n), np.int8)
     full[:k] = qw
     return np.ascontiguousarray(
-        full.reshape(kp // GROUP, GROUP, n // lanes, lanes).transpose(2, 0, 3, 1)
+        full.reshape(kp // group, group, n // lanes, lanes).transpose(2, 0, 3, 1)
     )
 
 
@@ -212,74 +228,100 @@ def reference_dense(
 
 
 def _register_dot(isa: Int8Isa) -> str:
-    """``C[lanes] += A[4] . B[lanes, 4]`` on ``isa``'s dot-product instruction.
+    """``C[lanes] += A[group] . B[lanes, group]`` on ``isa``'s dot-product instruction.
 
-    The operands are passed as LLVM 22 declares them (``<4 * lanes x i8>``): TVM 0.27's own
-    ``dot_16x4_vnni`` passes ``int32x16`` and fails LLVM's verifier. ``A``'s 4 bytes are
-    broadcast to every lane (one row of activations against ``lanes`` columns).
+    The operands are passed as LLVM 22 declares them (``<group * lanes x i8>``, or ``i16``
+    for ``vpmaddwd``): TVM 0.27's own ``dot_16x4_vnni`` passes ``int32x16`` and fails LLVM's
+    verifier. ``A``'s group (32 bits) is broadcast to every lane (one row of activations
+    against ``lanes`` columns). ``vpmaddwd`` takes int16 weights: the int8 ones are widened
+    in the register (``vpmovsxbw``), so the packed weights stay int8 on every path.
     """
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
     assert isa.intrinsic is not None
-    name = f"canao_dot_{isa.lanes}x4_{isa.name}"
+    lanes, group, a_dtype, intrinsic = isa.lanes, isa.group, isa.activation_dtype, isa.intrinsic
+    name = f"canao_dot_{lanes}x{group}_{isa.name}"
     try:
         TensorIntrin.get(name)
         return name
     except Exception:
         pass
-    lanes, a_dtype, intrinsic = isa.lanes, isa.activation_dtype, isa.intrinsic
-    width = lanes * GROUP
+    width = lanes * group
+    operand = a_dtype if isa.accumulates else "int16"  # vpmaddwd: int16 x int16
 
     # The accumulators are a register tile (scope "local"), which TVM's own description
     # (scope "global") does not match.
     @T.prim_func(s_tir=True)
     def desc(
-        A: T.Buffer((4,), a_dtype, offset_factor=1),
-        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        A: T.Buffer((group,), a_dtype, offset_factor=1),
+        B: T.Buffer((lanes, group), "int8", offset_factor=1),
         C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
             T.writes(C[0:lanes])
             for i in T.serial(0, lanes):
-                for k in T.serial(0, 4):
+                for k in T.serial(0, group):
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
                         C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
+    def broadcast_a(A: T.Buffer) -> object:
+        row = T.reinterpret(A.vload([0], f"{a_dtype}x{group}"), dtype="int32")
+        return T.reinterpret(T.broadcast(row, lanes), dtype=f"{operand}x{width}")
+
     @T.prim_func(s_tir=True)
-    def impl(
-        A: T.Buffer((4,), a_dtype, offset_factor=1),
-        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+    def impl_accumulating(
+        A: T.Buffer((group,), a_dtype, offset_factor=1),
+        B: T.Buffer((lanes, group), "int8", offset_factor=1),
         C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
             T.writes(C[0:lanes])
             # One expression, no let-bound temporaries: TVM 0.27 turns each into a buffer
             # allocated from the workspace pool on every call.
             C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(intrinsic),
                 C.vload([0], dtype=f"int32x{lanes}"),
-                T.reinterpret(
-                    T.broadcast(T.reinterpret(A.vload([0], f"{a_dtype}x4"), dtype="int32"), lanes),
-                    dtype=f"{a_dtype}x{width}",
-                ),
+                broadcast_a(A),
                 B.vload([0, 0], dtype=f"int8x{width}"),
                 dtype=f"int32x{lanes}",
             )
 
-    TensorIntrin.register(name, desc, impl)
+    @T.prim_func(s_tir=True)
+    def impl_adding(
+        A: T.Buffer((group,), a_dtype, offset_factor=1),
+        B: T.Buffer((lanes, group), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
+            T.writes(C[0:lanes])
+            C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], dtype=f"int32x{lanes}") + (
+                T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(intrinsic),
+                    broadcast_a(A),
+                    B.vload([0, 0], dtype=f"int8x{width}").astype(f"int16x{width}"),
+                    dtype=f"int32x{lanes}",
+                )
+            )
+
+    TensorIntrin.register(name, desc, impl_accumulating if isa.accumulates else impl_adding)
     return name
 
 
-def quantize_primfunc(m: int, k: int, signed: bool = False) -> object:
-    """``x[M, K]`` fp32 -> (``qa[M, Kp]`` uint8, ``sa[M]`` fp32, ``za[M]`` fp32 integer).
+def quantize_primfunc(m: int, k: int, dtype: str = "uint8") -> object:
+    """``x[M, K]`` fp32 -> (``qa[M, Kp]`` in ``dtype``, ``sa[M]`` fp32, ``za[M]`` fp32 integer).
 
-    ``signed``: ``qa`` is stored as int8 ``qa - 128`` (for sdot); padding stays 0 either way
-    (it multiplies zero weight rows).
+    ``dtype`` is the ISA's ``activation_dtype``: uint8, int8 (stored as ``qa - 128``, for
+    sdot) or int16 (the same 0..255 values, for vpmaddwd). Padding stays 0 either way (it
+    multiplies zero weight rows).
     """
+    if dtype not in QUANTIZED_DTYPES:
+        raise ValueError(f"activation dtype {dtype!r}: expected one of {QUANTIZED_DTYPES}")
+    signed = dtype == "int8"
     from tvm import s_tir, te, tirx
 
     kp = padded(k, GROUP)
@@ -300,7 +342,6 @@ def quantize_primfunc(m: int, k: int, signed: bool = False) -> object:
     )
     inverse = te.compute((m,), lambda i: one / scale[i], name="inv")
     shift = tirx.const(SIGNED_SHIFT if signed else 0, "float32")
-    dtype = "int8" if signed else "uint8"
     qa = te.compute(
         (m, kp),
         lambda i, j: tirx.if_then_else(
@@ -398,11 +439,12 @@ def dense_int8_primfunc(
         raise ValueError(f"unknown epilogue {epilogue!r}; expected one of {EPILOGUES}")
     if kp % GROUP or n % tiling.nb:
         raise ValueError(f"K={kp} must be a multiple of {GROUP}, N={n} of {tiling.nb}")
+    group = tiling.group
     held, lanes = k_wrap or kp, tiling.lanes
     qa = te.placeholder((m, held), tiling.spec.activation_dtype, name="qa")
     sa = te.placeholder((m,), "float32", name="sa")
     za = te.placeholder((m,), "float32", name="za")
-    wq = te.placeholder((n // lanes, held // GROUP, lanes, GROUP), "int8", name="Wq")
+    wq = te.placeholder((n // lanes, held // group, lanes, group), "int8", name="Wq")
     cs = te.placeholder((n,), "int32", name="colsum")
     sw = te.placeholder((n,), "float32", name="sw")
     r = te.reduce_axis((0, kp), name="k")
@@ -410,7 +452,7 @@ def dense_int8_primfunc(
         (m, n),
         lambda i, j: te.sum(
             qa[i, r % held].astype("int32")
-            * wq[j // lanes, (r // GROUP) % (held // GROUP), j % lanes, r % GROUP].astype("int32"),
+            * wq[j // lanes, (r // group) % (held // group), j % lanes, r % group].astype("int32"),
             axis=r,
         ),
         name="gemm",
@@ -451,7 +493,7 @@ def _schedule(sch: object, m: int, tiling: Int8Tiling, epilogue_blocks: list[str
     j_tile, j_panel, j_lane = sch.split(j, [None, tiling.panels, tiling.lanes])
     mr = tiling.mr if m % tiling.mr == 0 else 1  # an odd M (a pooled row) runs row by row
     i_tile, i_row = sch.split(i, [None, mr])
-    r_group, r_lane = sch.split(r, [None, GROUP])
+    r_group, r_lane = sch.split(r, [None, tiling.group])
     dot = tiling.spec.intrinsic is not None
     # A dot instruction takes the lanes x 4 block whole; without one, each of the 4 products
     # of a group is one vector multiply-add over the lanes (so the lanes go innermost).

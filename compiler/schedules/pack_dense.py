@@ -146,8 +146,8 @@ class _Rewriter:
         stored = tiling.spec.activation_dtype
         quantize = self.add(
             ("q8", m, k, stored),
-            f"canao_quantize_{'s8' if tiling.signed else 'u8'}_{m}x{k}",
-            lambda: quantize_primfunc(m, k, tiling.signed),
+            f"canao_quantize_{STORED_NAMES[stored]}_{m}x{k}",
+            lambda: quantize_primfunc(m, k, stored),
         )
         rows = relax.TensorType((m,), "float32")
         q = relax.call_tir(quantize, [x], [relax.TensorType((m, kp), stored), rows, rows])
@@ -170,6 +170,9 @@ class _Rewriter:
         if wide != n:
             call = relax.op.strided_slice(call, axes=[1], begin=[0], end=[n])
         return call
+
+
+STORED_NAMES = {"uint8": "u8", "int8": "s8", "int16": "i16"}  # quantize kernels by what they store
 
 
 def pack_dense_weights(
