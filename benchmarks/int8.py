@@ -5,11 +5,13 @@ checks canao's ``fast`` (fp32) and ``fast-int8`` builds, opens LiteRT dynamic-ra
 ONNX Runtime dynamic int8, and times all four interleaved in blocks (``time_interleaved``)
 on the same inputs, for each model and sequence length. At 1 thread it also times each int8
 dense kernel of the build alone, interleaved with the machine's int8 peak (a register tile
-of independent VNNI instructions), and reports the kernel's fraction of it.
+of independent dot instructions of the host's int8 kernel), and reports the kernel's
+fraction of it.
 
     python benchmarks/int8.py [--models minilm,bert-base] [--seqs 64,128] [--threads 1,2]
 
-Prints the tables; writes benchmarks/results/int8.{csv,md} and int8_kernels.{csv,md}.
+Prints the tables; writes benchmarks/results/int8.{csv,md} and int8_kernels.{csv,md} on an
+AVX-512 VNNI host, int8_<isa>.{csv,md} and int8_<isa>_kernels.{csv,md} on others (AVX2).
 """
 
 from __future__ import annotations
@@ -28,22 +30,25 @@ import pandas as pd
 SYSTEMS = ("canao-fast", "canao-fast-int8", "litert-int8", "onnxruntime-int8")
 
 
-# The peak micro-kernel: one 4 x 64 register tile (16 zmm accumulators) over a long
-# reduction whose operands are a single group of 4 (k_wrap=4): LLVM hoists the loads, so the
-# loop is nothing but independent vpdpbusd, the most this core can issue.
+# The peak micro-kernel: the host's register tile (on AVX-512 VNNI 4 x 64, 16 zmm
+# accumulators) over a long reduction whose operands are a single group of 4 (k_wrap=4): LLVM
+# hoists the loads, so the loop is nothing but independent dot instructions (vpdpbusd;
+# vpmaddwd and its adds on AVX2), the most this core can issue.
 PEAK_K = 1 << 16
 
 
-def _kernel_args(m: int, kp: int, n: int, epilogue: str, lanes: int) -> list[object]:
+def _kernel_args(m: int, kp: int, n: int, epilogue: str, tiling: object) -> list[object]:
     import tvm
 
+    lanes, group = tiling.lanes, tiling.group  # type: ignore[attr-defined]
+    dtype = tiling.spec.activation_dtype  # type: ignore[attr-defined]
     dev, rng = tvm.cpu(), np.random.default_rng(0)
     args = [
-        tvm.runtime.tensor(rng.integers(0, 255, (m, kp), dtype=np.uint8), dev),
+        tvm.runtime.tensor(rng.integers(0, 127, (m, kp)).astype(dtype), dev),
         tvm.runtime.tensor(np.full(m, 0.01, np.float32), dev),
         tvm.runtime.tensor(np.full(m, 128, np.float32), dev),
         tvm.runtime.tensor(
-            rng.integers(-127, 127, (n // lanes, kp // 4, lanes, 4), dtype=np.int8), dev
+            rng.integers(-127, 127, (n // lanes, kp // group, lanes, group), dtype=np.int8), dev
         ),
         tvm.runtime.tensor(np.zeros(n, np.int32), dev),
         tvm.runtime.tensor(np.full(n, 0.01, np.float32), dev),
@@ -70,8 +75,23 @@ def _compiled_kernel(
         target=get_target("x86").tvm_target(),
         tir_pipeline=codegen_pipeline("fast-int8"),
     )
-    args = _kernel_args(m, k_wrap or kp, n, epilogue, tiling.lanes)  # type: ignore[attr-defined]
+    args = _kernel_args(m, k_wrap or kp, n, epilogue, tiling)
     return (lambda: lib["main"](*args)), 2 * m * kp * n
+
+
+def host_tiling() -> object:
+    """The int8 register tile canao picks for this host (its peak loop is this tile's)."""
+    from canao.compiler.schedules.dense_int8 import int8_tiling
+    from canao.compiler.targets import get_target
+
+    return int8_tiling(get_target("x86").tvm_target())
+
+
+def results_name() -> str:
+    """``int8`` on AVX-512 VNNI hosts (the README's table), ``int8_<isa>`` elsewhere, so a
+    run on another CPU family never overwrites the other's figures."""
+    isa = host_tiling().isa  # type: ignore[attr-defined]
+    return "int8" if isa == "avx512-vnni" else f"int8_{isa.replace('-', '_')}"
 
 
 def kernel_rows(compiled: object, model: str, seq: int) -> list[dict[str, object]]:
@@ -81,7 +101,7 @@ def kernel_rows(compiled: object, model: str, seq: int) -> list[dict[str, object
     from canao.latency.protocol import Protocol, time_interleaved
 
     rows = []
-    tiling = Int8Tiling()
+    tiling = host_tiling()
     peak, peak_ops = _compiled_kernel(tiling.mr, PEAK_K, tiling.nb, "none", tiling, k_wrap=4)
     for gvar in compiled.lowered.functions:  # type: ignore[attr-defined]
         name = gvar.name_hint
@@ -191,15 +211,17 @@ def main() -> None:
     wide["int8_vs_canao_fp32"] = wide["canao-fast"] / wide["canao-fast-int8"]
     columns = ["model", "seq", "threads", *SYSTEMS, "int8_vs_litert_int8", "int8_vs_canao_fp32"]
     detail = f"batch 1; medians of {args.repeats} repeats, interleaved per cell; ms"
-    publish(table, wide[columns].round(2), "int8", f"int8 side by side. {header(detail)}")
+    name, isa = results_name(), host_tiling().isa  # type: ignore[attr-defined]
+    detail += f"; int8 kernel: {isa}"
+    publish(table, wide[columns].round(2), name, f"int8 side by side. {header(detail)}")
     if kernels:
         frame = pd.DataFrame(kernels)
         title = (
-            "int8 dense kernels at 1 thread against the VNNI peak (a register tile of "
-            "independent vpdpbusd, no loads), each timed interleaved with the peak. "
+            f"int8 dense kernels at 1 thread against the {isa} peak (a register tile of "
+            "independent dot instructions, no loads), each timed interleaved with the peak. "
             f"{header('1 thread')}"
         )
-        publish(frame, frame, "int8_kernels", title)
+        publish(frame, frame, f"{name}_kernels", title)
 
 
 if __name__ == "__main__":

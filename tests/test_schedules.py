@@ -47,9 +47,25 @@ def test_pack_weight_layout() -> None:
         pack_weight(w, 4)
 
 
-def test_tiling_follows_the_vector_width() -> None:
+@pytest.mark.parametrize(
+    ("mcpu", "expected"),
+    [
+        ("sapphirerapids", DenseTiling(mr=8, nb=32)),  # AVX-512: 32 registers of 16 lanes
+        ("znver4", DenseTiling(mr=8, nb=32)),
+        # AVX2: 16 registers of 8 lanes. TVM 0.27's llvm_get_vector_width says 512 for
+        # these, which tiled them for AVX-512 (32 accumulators in 16 registers).
+        ("znver3", DenseTiling(mr=4, nb=16)),
+        ("haswell", DenseTiling(mr=4, nb=16)),
+        ("x86-64", DenseTiling(mr=4, nb=8)),  # SSE only
+    ],
+)
+def test_tiling_follows_the_cpus_vector_width(mcpu: str, expected: DenseTiling) -> None:
+    assert choose_tiling(tvm.target.Target({"kind": "llvm", "mcpu": mcpu})) == expected
+
+
+def test_tiling_follows_the_hosts_vector_width() -> None:
     tiling = choose_tiling(X86)
-    assert tiling.nb % 8 == 0 and tiling.mr in (6, 8)
+    assert tiling.nb % 8 == 0 and tiling.mr in (4, 8)
     arm = choose_tiling(get_target("arm64").tvm_target())
     assert arm.nb == 8  # NEON: 4 lanes, two registers per row
 
