@@ -94,6 +94,28 @@ def test_stitched_equals_whole_build_and_reuses_segments(tmp_path: Path) -> None
     assert len(segments) == 6
 
 
+def test_stitched_int8_equals_the_whole_int8_build() -> None:
+    """The int8 search's candidates: stitched from int8 segments, on this host's int8 kernel
+    (AVX-512 VNNI, AVX-VNNI or AVX2), the same kernels and numbers as a whole int8 build."""
+    from canao.compiler.schedules.dense_int8 import int8_isa
+    from canao.errors import CanaoError
+
+    target = get_target("x86").tvm_target()
+    try:
+        isa = int8_isa(target)
+    except CanaoError:
+        pytest.skip("this CPU has no int8 path")
+    segments = SegmentCache(str(target), "fast-int8", SPEC.shapes())
+    loaded, keys = SeededWorkloads(BASE).model(WIDE)
+    stitched = compile_stitched(loaded, keys, segments, "x86", "fast-int8", SPEC)
+    whole = compile_model(loaded, "x86", "fast-int8", SPEC)
+    names = {gv.name_hint for gv in stitched.lowered.functions}  # type: ignore[attr-defined]
+    assert any(name.startswith(f"canao_dense_int8_{isa.replace('-', '_')}") for name in names)
+    assert stitched.kernels.kernel_launches == whole.kernels.kernel_launches
+    np.testing.assert_array_equal(_run(stitched), _run(whole))
+    verify_locally(stitched)
+
+
 def test_an_evicted_segment_is_lowered_again(tmp_path: Path) -> None:
     segments, kernels = _caches()
     segments.max_segments = 2  # fewer than one model has
