@@ -267,12 +267,20 @@ def _register_dot(isa: Int8Isa) -> str:
                         vi, vk = T.axis.remap("SR", [i, k])
                         C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
-    def broadcast_a(A: T.Buffer) -> object:
+    def updated(A: T.Buffer, B: T.Buffer, C: T.Buffer) -> object:
+        """``C`` after one instruction, as one expression: no let-bound temporaries, which
+        TVM 0.27 turns into buffers allocated from the workspace pool on every call."""
         row = T.reinterpret(A.vload([0], f"{a_dtype}x{group}"), dtype="int32")
-        return T.reinterpret(T.broadcast(row, lanes), dtype=f"{operand}x{width}")
+        a = T.reinterpret(T.broadcast(row, lanes), dtype=f"{operand}x{width}")
+        b = B.vload([0, 0], dtype=f"int8x{width}")
+        acc, lookup = C.vload([0], dtype=f"int32x{lanes}"), T.llvm_lookup_intrinsic_id(intrinsic)
+        if isa.accumulates:  # vpdpbusd, sdot, usdot add into their first operand
+            return T.call_llvm_pure_intrin(lookup, acc, a, b, dtype=f"int32x{lanes}")
+        widened = b.astype(f"int16x{width}")  # vpmaddwd: then add
+        return acc + T.call_llvm_pure_intrin(lookup, a, widened, dtype=f"int32x{lanes}")
 
     @T.prim_func(s_tir=True)
-    def impl_accumulating(
+    def impl(
         A: T.Buffer((group,), a_dtype, offset_factor=1),
         B: T.Buffer((lanes, group), "int8", offset_factor=1),
         C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),
@@ -280,35 +288,9 @@ def _register_dot(isa: Int8Isa) -> str:
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
             T.writes(C[0:lanes])
-            # One expression, no let-bound temporaries: TVM 0.27 turns each into a buffer
-            # allocated from the workspace pool on every call.
-            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(intrinsic),
-                C.vload([0], dtype=f"int32x{lanes}"),
-                broadcast_a(A),
-                B.vload([0, 0], dtype=f"int8x{width}"),
-                dtype=f"int32x{lanes}",
-            )
+            C[T.ramp(T.int32(0), 1, lanes)] = updated(A, B, C)
 
-    @T.prim_func(s_tir=True)
-    def impl_adding(
-        A: T.Buffer((group,), a_dtype, offset_factor=1),
-        B: T.Buffer((lanes, group), "int8", offset_factor=1),
-        C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
-            T.writes(C[0:lanes])
-            C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], dtype=f"int32x{lanes}") + (
-                T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id(intrinsic),
-                    broadcast_a(A),
-                    B.vload([0, 0], dtype=f"int8x{width}").astype(f"int16x{width}"),
-                    dtype=f"int32x{lanes}",
-                )
-            )
-
-    TensorIntrin.register(name, desc, impl_accumulating if isa.accumulates else impl_adding)
+    TensorIntrin.register(name, desc, impl)
     return name
 
 
