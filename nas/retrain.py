@@ -34,6 +34,7 @@ class RetrainConfig:
     temperature: float = 1.0
     max_length: int = 64
     seed: int = 0
+    group_by_length: bool = True  # batches of similar length (finetune.epoch_batches)
 
 
 def retrain(
@@ -52,7 +53,12 @@ def retrain(
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.learning_rate)
     schedule = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.0, total_iters=config.steps)
     data = batches(
-        tokenizer, train, config.batch_size, config.max_length, np.random.default_rng(config.seed)
+        tokenizer,
+        train,
+        config.batch_size,
+        config.max_length,
+        np.random.default_rng(config.seed),
+        config.group_by_length,
     )
     started = time.perf_counter()
     recent: list[float] = []

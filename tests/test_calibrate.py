@@ -9,13 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from canao.nas.calibrate import calibrate_readout, calibration_rows, fit_classifier
+from canao.nas.calibrate import (
+    calibrate_readout,
+    calibration_rows,
+    fit_classifier,
+    pooled_features,
+)
 from canao.nas.finetune import accuracy
 from canao.nas.job import SearchJob, SupernetEvaluator, check_job
 from canao.nas.search import SearchConfigError
 from canao.nas.space import ArchConfig
 from canao.nas.supernet import extract
-from tests.tiny_teacher import toy_supernet
+from tests.tiny_teacher import tiny_teacher, toy_supernet
 
 
 def test_fit_classifier_separates_what_the_prior_misreads() -> None:
@@ -78,3 +83,18 @@ def test_evaluator_scores_the_calibrated_sub_network(tmp_path: Path) -> None:
 def test_negative_calibrate_is_refused_before_training(tmp_path: Path) -> None:
     with pytest.raises(SearchConfigError, match="--calibrate"):
         check_job(SearchJob(calibrate=-1, out=tmp_path))
+
+
+def test_pooled_features_come_back_in_the_texts_order() -> None:
+    # Batched shortest first internally; each row must still be its own text's features.
+    from transformers import BertTokenizerFast
+
+    from canao.compiler.models import minilm_path
+
+    tokenizer = BertTokenizerFast.from_pretrained(str(minilm_path()), local_files_only=True)
+    model = tiny_teacher()
+    texts = [("a much longer sentence about a slow and dull film",), ("good",), ("bad plot",)]
+    together = pooled_features(model, tokenizer, texts, 64, batch_size=2)
+    for row, text in enumerate(texts):
+        alone = pooled_features(model, tokenizer, [text], 64)
+        torch.testing.assert_close(together[row], alone[0], atol=1e-5, rtol=1e-5)
