@@ -136,11 +136,13 @@ def front_matches(
     retrained: pd.DataFrame,
 ) -> tuple[pd.DataFrame, dict[str, str]]:
     """Each baseline's equal-latency rival from the search: the most accurate Pareto point
-    at no more search latency, retrained alone with the same budget unless it already was.
+    at no more search latency, retrained alone with the same budget and saved under
+    ``front/`` to be timed beside the baseline (the winner is already saved).
 
     The search retrains the top of its front, near the target; a baseline faster than
     those points could otherwise never be dominated however good the front below it is.
-    Returns the retrained points (the search's and these) and baseline -> rival arch.
+    A rival the search retrained too is retrained again only to be saved (seeded: the same
+    model). Returns the retrained points (the search's and new ones) and baseline -> arch.
     """
     front = pd.read_csv(job.out / "pareto.csv")
     shutil.rmtree(job.out / "front", ignore_errors=True)  # what is there was retrained now
@@ -152,7 +154,7 @@ def front_matches(
         rival = within.sort_values(["accuracy", "latency_ms"], ascending=[False, True]).iloc[0]
         arch = str(rival["arch"])
         rivals[str(baseline["model"])] = arch
-        if arch in set(pd.concat(points)["arch"]):
+        if arch == str(outcome.winner["arch"]) or (job.out / "front" / arch).is_dir():  # type: ignore[index]
             continue
         model = outcome.evaluator.sub_network(ArchConfig.from_key(arch))
         info = retrain_winner(outcome.evaluator, model, job, print, what=f"front point {arch}")
@@ -166,7 +168,14 @@ def front_matches(
             "accuracy_before": info["before"]["accuracy"],  # type: ignore[index]
             "accuracy": info["after"]["accuracy"],  # type: ignore[index]
         }
-        points.append(pd.DataFrame([row]))
+        earlier = retrained[retrained["arch"] == arch]
+        if earlier.empty:
+            points.append(pd.DataFrame([row]))
+        else:  # seeded retraining: the search's accuracy again, or the table says otherwise
+            print(
+                f"front point {arch}: {row['accuracy']:.4f} (the search's retraining: "
+                f"{float(earlier['accuracy'].iloc[0]):.4f})"
+            )
     return pd.concat(points, ignore_index=True), rivals
 
 
