@@ -11,7 +11,8 @@ retrained winner against equal-latency baselines retrained with the same budget.
    - uniform narrowing: all 6 layers, uniformly narrower, at the width whose measured
      latency is closest to the winner's.
 3. Each baseline's rival: the most accurate Pareto point at no more search latency,
-   retrained alone with the same budget (unless it already was).
+   retrained alone with the same budget and saved (the search keeps only its winner, so
+   a rival it retrained too is retrained again: seeded, the same model, about 1.5 min).
 4. Teacher, winner, baselines and rivals timed side by side (interleaved) in one process.
 5. Dominance: each baseline against the retrained front (a retrained point at no more
    latency and no less accuracy).
