@@ -3,7 +3,9 @@
 Per thread count, one child process (TVM fixes its thread pool per process) builds and
 checks canao's ``fast`` (fp32) and ``fast-int8`` builds, opens LiteRT dynamic-range int8 and
 ONNX Runtime dynamic int8, and times all four interleaved in blocks (``time_interleaved``)
-on the same inputs, for each model and sequence length. At 1 thread it also times each int8
+on the same inputs, for each model and sequence length. Where the host's fastest int8
+kernel is not full-range (AVX2 without VNNI: 7-bit activations), the
+``fast-int8-full-range`` build is timed beside them too. At 1 thread it also times each int8
 dense kernel of the build alone, interleaved with the machine's int8 peak (a register tile
 of independent dot instructions of the host's int8 kernel), and reports the kernel's
 fraction of it.
@@ -27,7 +29,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-SYSTEMS = ("canao-fast", "canao-fast-int8", "litert-int8", "onnxruntime-int8")
+SYSTEMS = (
+    "canao-fast",
+    "canao-fast-int8",
+    "canao-fast-int8-full-range",
+    "litert-int8",
+    "onnxruntime-int8",
+)
 
 
 # The peak micro-kernel: the host's register tile (on AVX-512 VNNI 4 x 64, 16 zmm
@@ -38,7 +46,7 @@ SYSTEMS = ("canao-fast", "canao-fast-int8", "litert-int8", "onnxruntime-int8")
 # core's), so there the operands span 256 k (6 KB, in L1) and the peak is the micro-kernel
 # with its loads from L1: the tile's ceiling, not the instruction's.
 PEAK_K = 1 << 16
-PEAK_WRAP = {"avx2": 256}  # default 4 (one group, loads hoisted)
+PEAK_WRAP = {"avx2": 256, "avx2-u7": 256}  # default 4 (one group, loads hoisted)
 
 
 def _kernel_args(m: int, kp: int, n: int, epilogue: str, tiling: object) -> list[object]:
@@ -83,18 +91,25 @@ def _compiled_kernel(
     return (lambda: lib["main"](*args)), 2 * m * kp * n
 
 
-def host_tiling() -> object:
+def host_tiling(full_range: bool = False) -> object:
     """The int8 register tile canao picks for this host (its peak loop is this tile's)."""
     from canao.compiler.schedules.dense_int8 import int8_tiling
     from canao.compiler.targets import get_target
 
-    return int8_tiling(get_target("x86").tvm_target())
+    return int8_tiling(get_target("x86").tvm_target(), full_range)
+
+
+def int8_pipelines() -> tuple[str, ...]:
+    """``fast-int8``, and ``fast-int8-full-range`` where it runs another kernel."""
+    differ = host_tiling().isa != host_tiling(full_range=True).isa  # type: ignore[attr-defined]
+    return ("fast-int8", "fast-int8-full-range") if differ else ("fast-int8",)
 
 
 def results_name() -> str:
-    """``int8`` on AVX-512 VNNI hosts (the README's table), ``int8_<isa>`` elsewhere, so a
-    run on another CPU family never overwrites the other's figures."""
-    isa = host_tiling().isa  # type: ignore[attr-defined]
+    """``int8`` on AVX-512 VNNI hosts (the README's table), ``int8_<isa>`` elsewhere (the
+    full-range kernel's name: ``int8_avx2``), so a run on another CPU family never overwrites
+    the other's figures."""
+    isa = host_tiling(full_range=True).isa  # type: ignore[attr-defined]
     return "int8" if isa == "avx512-vnni" else f"int8_{isa.replace('-', '_')}"
 
 
@@ -104,19 +119,22 @@ def kernel_rows(compiled: object, model: str, seq: int) -> list[dict[str, object
     from canao.compiler.schedules.dense_int8 import ISAS, Int8Tiling
     from canao.latency.protocol import Protocol, time_interleaved
 
-    rows = []
-    tiling = host_tiling()
-    wrap = PEAK_WRAP.get(tiling.isa, 4)  # type: ignore[attr-defined]
-    peak, peak_ops = _compiled_kernel(tiling.mr, PEAK_K, tiling.nb, "none", tiling, k_wrap=wrap)
+    rows, peaks = [], {}
     for gvar in compiled.lowered.functions:  # type: ignore[attr-defined]
         name = gvar.name_hint
         if not name.startswith("canao_dense_int8_"):
             continue
         rest = name.removeprefix("canao_dense_int8_")
-        isa = next(i for i in ISAS if rest.startswith(i.replace("-", "_") + "_"))
+        # Longest name first: "avx2_u7_bias..." also starts with "avx2_".
+        names = sorted(ISAS, key=len, reverse=True)
+        isa = next(i for i in names if rest.startswith(i.replace("-", "_") + "_"))
         epilogue, shape = rest.removeprefix(isa.replace("-", "_") + "_").rsplit("_", 1)
         m, kp, n = (int(v) for v in shape.split("x"))
         tile = Int8Tiling.for_isa(isa).for_shape(m, kp)  # as the pass chose it
+        if isa not in peaks:  # the peak of this kernel's own register tile
+            base, wrap = Int8Tiling.for_isa(isa), PEAK_WRAP.get(isa, 4)
+            peaks[isa] = _compiled_kernel(base.mr, PEAK_K, base.nb, "none", base, k_wrap=wrap)
+        peak, peak_ops = peaks[isa]
         kernel, ops = _compiled_kernel(m, kp, n, epilogue, tile)
         seconds = time_interleaved({"kernel": kernel, "peak": peak}, Protocol(3, 40, 5))
         kernel_s, peak_s = (float(np.median(seconds[k])) for k in ("kernel", "peak"))
@@ -151,7 +169,7 @@ def child(models: list[str], seqs: list[int], threads: int, repeats: int, out: P
             inputs = example_inputs(model.config.vocab_size, 1, seq)
             reference = torch_reference(model.module, inputs)
             calls, diffs = {}, {}
-            for pipeline in ("fast", "fast-int8"):
+            for pipeline in ("fast", *int8_pipelines()):
                 compiled = compile_model(model, "x86", pipeline, InputSpec(1, seq))
                 numerics = verify_locally(compiled)
                 runner = local_runner(compiled.executable)
@@ -159,7 +177,7 @@ def child(models: list[str], seqs: list[int], threads: int, repeats: int, out: P
                 diffs[f"canao-{pipeline}"] = numerics.get(
                     "fp32_max_abs_diff", numerics["max_abs_diff"]
                 )
-                if pipeline == "fast-int8" and threads == 1:
+                if pipeline != "fast" and threads == 1:
                     kernels += kernel_rows(compiled, model_name, seq)
             for system in ("litert-int8", "onnxruntime-int8"):
                 baseline = make_runner(system, model, batch=1, seq=seq, threads=threads)
@@ -214,15 +232,22 @@ def main() -> None:
     ).reset_index()
     wide["int8_vs_litert_int8"] = wide["litert-int8"] / wide["canao-fast-int8"]
     wide["int8_vs_canao_fp32"] = wide["canao-fast"] / wide["canao-fast-int8"]
-    columns = ["model", "seq", "threads", *SYSTEMS, "int8_vs_litert_int8", "int8_vs_canao_fp32"]
+    ratios = ["int8_vs_litert_int8", "int8_vs_canao_fp32"]
+    if "canao-fast-int8-full-range" in wide:
+        full = wide["canao-fast-int8-full-range"]
+        wide["full_range_vs_litert_int8"] = wide["litert-int8"] / full
+        ratios.append("full_range_vs_litert_int8")
+    systems = [system for system in SYSTEMS if system in wide]
+    columns = ["model", "seq", "threads", *systems, *ratios]
     detail = f"batch 1; medians of {args.repeats} repeats, interleaved per cell; ms"
-    name, isa = results_name(), host_tiling().isa  # type: ignore[attr-defined]
-    detail += f"; int8 kernel: {isa}"
+    name = results_name()
+    used = [host_tiling(p.endswith("full-range")).isa for p in int8_pipelines()]  # type: ignore[attr-defined]
+    detail += f"; int8 kernels: {', '.join(used)} ({', '.join(int8_pipelines())})"
     publish(table, wide[columns].round(2), name, f"int8 side by side. {header(detail)}")
     if kernels:
         frame = pd.DataFrame(kernels)
         title = (
-            f"int8 dense kernels at 1 thread against the {isa} peak (a register tile of "
+            "int8 dense kernels at 1 thread against their own peak (their register tile of "
             "independent dot instructions: no loads on VNNI, loads from L1 on AVX2), each "
             "timed interleaved with the peak. "
             f"{header('1 thread')}"

@@ -64,7 +64,8 @@ def _add_precision_arg(parser: argparse.ArgumentParser) -> None:
         "--precision",
         choices=tuple(PRECISIONS),
         help="int8: dynamic-range int8 dense layers (pipeline fast-int8; x86 AVX-512 VNNI, "
-        "AVX-VNNI or AVX2, aarch64 i8mm, dotprod or NEON), timed and scored as int8; "
+        "AVX-VNNI or AVX2, aarch64 i8mm, dotprod or NEON; on AVX2 without VNNI activations "
+        "are 7-bit, and --pipeline fast-int8-full-range keeps 8), timed and scored as int8; "
         "fp32: pipeline fast (the default). Replaces --pipeline",
     )
 

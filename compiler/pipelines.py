@@ -46,7 +46,11 @@ def _tvm_default_fused(target: object) -> object:
 
 
 def cpu_stages(
-    target: object, canao_fusion: bool, approximate: bool = False, int8: bool = False
+    target: object,
+    canao_fusion: bool,
+    approximate: bool = False,
+    int8: bool = False,
+    int8_full_range: bool = False,
 ) -> list[tuple[str, object]]:
     """The named passes of canao's CPU pipelines, in order (the fusion report walks them).
 
@@ -99,7 +103,7 @@ def cpu_stages(
                 tiling,
                 fuse_epilogues=canao_fusion,
                 approximate=approximate,
-                int8=int8_tiling(target) if int8 else None,
+                int8=int8_tiling(target, int8_full_range) if int8 else None,
             ),
         ),
         # Q/K/V slices -> one attention kernel (needs the packed Q/K/V output and the softmax).
@@ -126,12 +130,17 @@ def cpu_stages(
 
 
 def _cpu_pipeline(
-    target: object, canao_fusion: bool, approximate: bool = False, int8: bool = False
+    target: object,
+    canao_fusion: bool,
+    approximate: bool = False,
+    int8: bool = False,
+    int8_full_range: bool = False,
 ) -> object:
     import tvm
 
+    stages = cpu_stages(target, canao_fusion, approximate, int8, int8_full_range)
     return tvm.transform.Sequential(
-        [stage for _, stage in cpu_stages(target, canao_fusion, approximate, int8)],
+        [stage for _, stage in stages],
         name="canao.fast" if canao_fusion else "canao.fast-tvm-fusion",
     )
 
@@ -142,6 +151,7 @@ _CPU_PIPELINE_FLAGS: dict[str, dict[str, bool]] = {
     "fast-tvm-fusion": {"canao_fusion": False},
     "fast-approx": {"canao_fusion": True, "approximate": True},
     "fast-int8": {"canao_fusion": True, "int8": True},
+    "fast-int8-full-range": {"canao_fusion": True, "int8": True, "int8_full_range": True},
 }
 
 
@@ -227,10 +237,14 @@ def _canao_fast_approx(target: object) -> object:
     return _cpu_pipeline(target, canao_fusion=True, approximate=True)
 
 
-def _canao_fast_int8(target: object) -> object:
+def _canao_fast_int8(target: object, full_range: bool = False) -> object:
     if "gpu" in target.keys:  # type: ignore[attr-defined]
-        raise UnknownPipelineError("pipeline 'fast-int8' is CPU-only (x86 AVX-512 VNNI) for now")
-    return _cpu_pipeline(target, canao_fusion=True, int8=True)
+        raise UnknownPipelineError("the int8 pipelines are CPU-only (x86 and aarch64) for now")
+    return _cpu_pipeline(target, canao_fusion=True, int8=True, int8_full_range=full_range)
+
+
+def _canao_fast_int8_full_range(target: object) -> object:
+    return _canao_fast_int8(target, full_range=True)
 
 
 PIPELINES: dict[str, PipelineFactory] = {
@@ -243,10 +257,18 @@ PIPELINES: dict[str, PipelineFactory] = {
     # Dynamic-range int8 dense layers (schedules.dense_int8): lossy, checked against a
     # PyTorch model quantized the same way (compiler.quantized).
     "fast-int8": _canao_fast_int8,
+    # The same with 8-bit activations on every CPU: on AVX2 without VNNI the fastest int8
+    # kernel quantizes activations to 7 bits (dense_int8.ISAS, "avx2-u7"); this one does not.
+    "fast-int8-full-range": _canao_fast_int8_full_range,
 }
-INT8_PIPELINES = frozenset({"fast-int8"})
+INT8_PIPELINES = frozenset({"fast-int8", "fast-int8-full-range"})
 # ``--precision`` -> the pipeline that builds it (search, prune, compile, bench, compare).
 PRECISIONS = {"fp32": "fast", "int8": "fast-int8"}
+
+
+def int8_full_range(pipeline: str) -> bool:
+    """Whether int8 pipeline ``pipeline`` keeps 8-bit activations on every CPU."""
+    return _CPU_PIPELINE_FLAGS.get(pipeline, {}).get("int8_full_range", False)
 
 
 def precision_pipeline(precision: str) -> str:

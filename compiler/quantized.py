@@ -18,6 +18,7 @@ import torch
 from canao.compiler.schedules.dense_int8 import (
     Int8Tiling,
     int8_packs,
+    int8_tiling,
     quantize_weight,
     reference_dense,
 )
@@ -59,27 +60,39 @@ def int8_bound(reference: object, noise: float) -> float:
 class DynamicInt8Linear(torch.nn.Module):
     """``nn.Linear`` as the int8 kernel computes it (GELU stays in the next module)."""
 
-    def __init__(self, linear: torch.nn.Linear) -> None:
+    def __init__(self, linear: torch.nn.Linear, levels: int = 255) -> None:
         super().__init__()
         weight = linear.weight.detach().t().contiguous().numpy()  # [K, N]
         self.qw, self.sw = quantize_weight(weight)
         self.bias = None if linear.bias is None else linear.bias.detach().numpy().copy()
         self.out_features = linear.out_features
+        self.levels = levels  # activations' top level: 255, or 127 (AVX2's 7-bit kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).float()
-        y = reference_dense(rows, self.qw, self.sw, self.bias, "bias")
+        y = reference_dense(rows, self.qw, self.sw, self.bias, "bias", self.levels)
         return y.reshape(*x.shape[:-1], self.out_features)  # type: ignore[union-attr]
 
 
 def quantized_reference(
     module: torch.nn.Module, tiling: Int8Tiling | None = None
 ) -> torch.nn.Module:
-    """A copy of ``module`` with each dense layer the int8 pass rewrites made int8."""
+    """A copy of ``module`` with each dense layer the int8 pass rewrites made int8, as
+    ``tiling``'s kernels compute it (default: AVX-512 VNNI's; :func:`int8_scheme` gives a
+    build's)."""
     tiling = tiling or Int8Tiling()
     copied = copy.deepcopy(module).eval()
     for parent in list(copied.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, torch.nn.Linear) and int8_packs(child.out_features, tiling):
-                setattr(parent, name, DynamicInt8Linear(child))
+                setattr(parent, name, DynamicInt8Linear(child, tiling.spec.levels))
     return copied
+
+
+def int8_scheme(target: str, pipeline: str) -> Int8Tiling:
+    """The int8 kernels pipeline ``pipeline`` builds for canao target ``target`` (its CPU's
+    features decide): what a PyTorch model must be quantized as to score like the build."""
+    from canao.compiler.pipelines import int8_full_range
+    from canao.compiler.targets import get_target
+
+    return int8_tiling(get_target(target).tvm_target(), full_range=int8_full_range(pipeline))

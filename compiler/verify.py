@@ -15,7 +15,13 @@ import numpy as np
 from canao.compiler.build import CompiledModel
 from canao.compiler.importer import example_inputs, torch_reference
 from canao.compiler.pipelines import INT8_PIPELINES
-from canao.compiler.quantized import INT8_ATOL, INT8_RTOL, int8_bound, quantized_reference
+from canao.compiler.quantized import (
+    INT8_ATOL,
+    INT8_RTOL,
+    int8_bound,
+    int8_scheme,
+    quantized_reference,
+)
 from canao.errors import NumericsMismatchError
 
 # Sequence lengths a symbolic-length build is checked at.
@@ -49,7 +55,8 @@ def compare(
     module = compiled.model.module
     # An int8 build is held to the same model quantized the same way; its distance from the
     # fp32 model is the quantization error, reported beside it (compiler.quantized).
-    reference = torch_reference(quantized_reference(module) if int8 else module, inputs)
+    scheme = int8_scheme(compiled.target.name, compiled.pipeline) if int8 else None
+    reference = torch_reference(quantized_reference(module, scheme) if int8 else module, inputs)
     fp32 = torch_reference(module, inputs) if int8 else None
     noise = 0.0 if fp32 is None else float(np.abs(reference.astype(np.float64) - fp32).max())
     if output.shape != reference.shape:

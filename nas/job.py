@@ -23,7 +23,8 @@ import torch
 from transformers import BertConfig
 
 from canao.compiler.pipelines import precision_pipeline
-from canao.compiler.quantized import quantized_reference
+from canao.compiler.quantized import int8_scheme, quantized_reference
+from canao.compiler.schedules.dense_int8 import Int8Tiling
 from canao.latency.cache import LatencyCache
 from canao.latency.protocol import Protocol
 from canao.latency.rpc import RPCAddress
@@ -131,7 +132,8 @@ class SupernetEvaluator:
     metric_names: tuple[str, ...] = ("accuracy",)
     majority: dict[str, float] = field(default_factory=dict)
     train: Split | None = None  # what the winner is retrained on
-    int8: bool = False  # score each model quantized as the int8 build computes it
+    # Score each model quantized as the int8 build computes it (None: fp32).
+    int8: Int8Tiling | None = None
     calibrate: int = 0  # training examples the read-out is refitted on (0: shared read-out)
 
     def sub_network(self, arch: ArchConfig) -> torch.nn.Module:
@@ -150,7 +152,7 @@ class SupernetEvaluator:
     def metrics(self, arch: ArchConfig) -> dict[str, float]:
         """Cached per (super-network, dev split, metrics, architecture): controllers revisit."""
         key = f"{self._dev_key()}|{self.max_length}|{','.join(self.metric_names)}|{arch.key}"
-        key += "|int8" if self.int8 else ""
+        key += f"|int8-{self.int8.spec.levels}" if self.int8 else ""
         key += f"|calibrate{self.calibrate}" if self.calibrate > 0 else ""
         with self._store() as db:
             hit = db.execute("SELECT metrics FROM metrics WHERE key = ?", (key,)).fetchone()
@@ -164,7 +166,7 @@ class SupernetEvaluator:
     def score_model(self, model: torch.nn.Module) -> dict[str, float]:
         """The task's metrics of any classifier over this evaluator's dev split."""
         if self.int8:
-            model = quantized_reference(model)
+            model = quantized_reference(model, self.int8)
         predicted = predict_labels(model, self.supernet.tokenizer, self.dev, self.max_length)
         classes = int(self.supernet.model.config.num_labels)
         return compute(self.metric_names, predicted, self.dev.labels, classes)
@@ -276,7 +278,7 @@ def prepare(job: SearchJob, log: Log, artifacts: StudyArtifacts | None = None) -
         metric_names=names,
         majority=majority,
         train=data["train"],
-        int8=job.precision == "int8",
+        int8=int8_scheme(job.target, job.pipeline) if job.precision == "int8" else None,
         calibrate=job.calibrate,
     )
 

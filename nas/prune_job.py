@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from canao.compiler.pipelines import precision_pipeline
-from canao.compiler.quantized import quantized_reference
+from canao.compiler.quantized import int8_scheme, quantized_reference
 from canao.nas.distill import load_teacher
 from canao.nas.finetune import FinetuneConfig, finetune, predict_labels
 from canao.nas.metrics import compute, describe, majority_scores, metric_names
@@ -101,8 +101,9 @@ def run_prune(job: PruneJob, log: Log = print) -> dict[str, object]:
         "log": result.log,
     }
     if job.precision == "int8":  # what the int8 build computes, scored on dev
-        report["teacher_int8"] = score(quantized_reference(teacher))
-        report["pruned_int8"] = score(quantized_reference(result.model))
+        scheme = int8_scheme("x86", precision_pipeline(job.precision))  # built as below
+        report["teacher_int8"] = score(quantized_reference(teacher, scheme))
+        report["pruned_int8"] = score(quantized_reference(result.model, scheme))
     if job.measure:
         report["latency"] = compile_and_time({"teacher": teacher, "pruned": result.model}, job)
     (job.out / "report.json").write_text(json.dumps(report, indent=2, default=str))

@@ -35,6 +35,7 @@ HOST_FEATURES = {
     "avx512-vnni": (["avx512vnni", "avx512bw"],),
     "avx-vnni": (["avxvnni"], ["avx512vnni", "avx512vl"]),
     "avx2": (["avx2"],),
+    "avx2-u7": (["avx2"],),
 }
 
 
@@ -76,7 +77,9 @@ def run_kernel(
     qw, sw = quantize_weight(w)
     target = get_target("x86").tvm_target()
     quant = tvm.compile(
-        tvm.IRModule({"main": quantize_primfunc(m, k, tiling.spec.activation_dtype)}),
+        tvm.IRModule(
+            {"main": quantize_primfunc(m, k, tiling.spec.activation_dtype, tiling.spec.levels)}
+        ),
         target=target,
     )
     gemm = tvm.compile(
@@ -100,9 +103,8 @@ def run_kernel(
         args.append(tvm.runtime.tensor(np.pad(b, (0, wide - n)), dev))
     out = tvm.runtime.empty((m, wide), "float32", dev)
     gemm["main"](*args, out)
-    expected = reference_dense(
-        torch.from_numpy(x), qw, sw, None if epilogue == "none" else b, epilogue
-    )
+    bias = None if epilogue == "none" else b
+    expected = reference_dense(torch.from_numpy(x), qw, sw, bias, epilogue, tiling.spec.levels)
     return out.numpy()[:, :n], expected.numpy(), gemm.mod.inspect_source("asm")  # type: ignore[union-attr]
 
 
@@ -123,7 +125,7 @@ def test_long_reductions_take_the_taller_tile() -> None:
     assert Int8Tiling.for_isa("avx2").for_shape(16, 772) == Int8Tiling.for_isa("avx2")
 
 
-@pytest.mark.parametrize("isa", ["avx512-vnni", "avx-vnni", "avx2"])
+@pytest.mark.parametrize("isa", ["avx512-vnni", "avx-vnni", "avx2", "avx2-u7"])
 @pytest.mark.parametrize(("m", "k", "n", "epilogue"), AWKWARD_SHAPES)
 def test_int8_kernel_matches_its_reference_on_awkward_shapes(
     m: int, k: int, n: int, epilogue: str, isa: str
@@ -136,10 +138,13 @@ def test_int8_kernel_matches_its_reference_on_awkward_shapes(
     # Exact integer sums on both sides: only the final float scaling rounds differently.
     np.testing.assert_allclose(got, expected, atol=1e-5 * max(1.0, np.abs(expected).max()))
     register = {"avx512-vnni": "zmm", "avx-vnni": "ymm"}.get(isa)
-    if register is None:  # AVX2: int16 pair products (vpmaddwd) on widened weights, no VNNI
+    if isa == "avx2":  # int16 pair products (vpmaddwd) on widened weights, no VNNI
         assert "vpdpbusd" not in asm
         assert re.search(r"^\s*vpmaddwd\s.*%ymm\d+$", asm, re.MULTILINE)
         assert re.search(r"^\s*vpmovsxbw\s", asm, re.MULTILINE)  # weights stay int8 in memory
+    elif isa == "avx2-u7":  # uint7 x int8 pairs (vpmaddubsw), summed by vpmaddwd
+        assert "vpdpbusd" not in asm and "vpmovsxbw" not in asm
+        assert re.search(r"^\s*vpmaddubsw\s.*%ymm\d+$", asm, re.MULTILINE)
     else:  # the VNNI instruction at this width (its accumulator, the last operand), not a
         # scalar or pmaddubsw fallback; the weights may come straight from memory
         assert re.search(rf"^\s*vpdpbusd\s.*%{register}\d+$", asm, re.MULTILINE), isa
@@ -150,21 +155,25 @@ def test_int8_kernel_matches_its_reference_on_awkward_shapes(
     assert np.abs(got - fp32).max() < 0.05 * np.abs(fp32).max()
 
 
-@pytest.mark.parametrize("dtype", ["uint8", "int8", "int16"])
-def test_activation_quantization_is_exact(dtype: str) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "levels"), [("uint8", 255), ("int8", 255), ("int16", 255), ("uint8", 127)]
+)
+def test_activation_quantization_is_exact(dtype: str, levels: int) -> None:
     import tvm
 
     x = np.random.default_rng(0).standard_normal((5, 30)).astype(np.float32)
     x[2] = np.abs(x[2])  # a row with no negative value: the zero point is 0
     x[3] = 0.0  # an all-zero row: scale 1, nothing divides by zero
     lib = tvm.compile(
-        tvm.IRModule({"main": quantize_primfunc(5, 30, dtype)}), get_target("x86").tvm_target()
+        tvm.IRModule({"main": quantize_primfunc(5, 30, dtype, levels)}),
+        get_target("x86").tvm_target(),
     )
     dev = tvm.cpu()
     qa = tvm.runtime.empty((5, 32), dtype, dev)
     sa, za = (tvm.runtime.empty((5,), "float32", dev) for _ in range(2))
     lib["main"](tvm.runtime.tensor(x, dev), qa, sa, za)
-    q, scale, zero = quantize_rows(torch.from_numpy(x))
+    q, scale, zero = quantize_rows(torch.from_numpy(x), levels)
+    assert int(q.max()) == levels  # each row's extreme is the top level
     shift = 128 if dtype == "int8" else 0  # sdot's signed storage: qa - 128
     assert np.array_equal(qa.numpy()[:, :30].astype(np.int32) + shift, q.numpy().astype(np.int32))
     assert not qa.numpy()[:, 30:].any()  # K padding is zero
@@ -176,7 +185,7 @@ def test_activation_quantization_is_exact(dtype: str) -> None:
 @needs_int8_host
 def test_int8_build_is_checked_against_the_same_scheme_in_pytorch(tmp_path: Path) -> None:
     from canao.compiler.schedules.dense_int8 import ISAS
-    from canao.compiler.schedules.pack_dense import STORED_NAMES
+    from canao.compiler.schedules.pack_dense import quantized_name
 
     isa = host_isa()
     assert isa is not None
@@ -185,7 +194,7 @@ def test_int8_build_is_checked_against_the_same_scheme_in_pytorch(tmp_path: Path
     names = [gv.name_hint for gv in compiled.lowered.functions]
     kernel = f"canao_dense_int8_{isa.replace('-', '_')}_bias_gelu"
     assert any(name.startswith(kernel) for name in names), names
-    stored = STORED_NAMES[ISAS[isa].activation_dtype]
+    stored = quantized_name(ISAS[isa].activation_dtype, ISAS[isa].levels)
     assert any(name.startswith(f"canao_quantize_{stored}") for name in names)
     numerics = verify_locally(compiled)
     assert numerics["max_abs_diff"] <= numerics["tolerance"]
@@ -241,16 +250,22 @@ def test_an_int8_search_scores_candidates_quantized(
     supernet, train = toy_supernet(tmp_path, examples=16)
     quantized: list[object] = []
     real = job_module.quantized_reference
-    monkeypatch.setattr(job_module, "quantized_reference", lambda m: quantized.append(m) or real(m))
+    monkeypatch.setattr(
+        job_module, "quantized_reference", lambda m, t: quantized.append(t) or real(m, t)
+    )
     arch = supernet.space.smallest()
     fp32 = SupernetEvaluator(supernet, train, latency_evaluator=None)  # type: ignore[arg-type]
-    int8 = SupernetEvaluator(supernet, train, latency_evaluator=None, int8=True)  # type: ignore[arg-type]
+    scheme = Int8Tiling.for_isa("avx2-u7")
+    int8 = SupernetEvaluator(supernet, train, latency_evaluator=None, int8=scheme)  # type: ignore[arg-type]
     fp32.metrics(arch)
     assert quantized == []
     int8.metrics(arch)
-    assert len(quantized) == 1  # scored through the same-scheme int8 model, cached apart
+    assert quantized == [scheme]  # scored through the same-scheme int8 model, cached apart
     int8.metrics(arch)
     assert len(quantized) == 1
+    full_range = Int8Tiling.for_isa("avx2")
+    SupernetEvaluator(supernet, train, latency_evaluator=None, int8=full_range).metrics(arch)  # type: ignore[arg-type]
+    assert quantized == [scheme, full_range]  # 7-bit and 8-bit activations: cached apart
 
 
 @pytest.mark.parametrize(
@@ -258,7 +273,7 @@ def test_an_int8_search_scores_candidates_quantized(
     [
         ({"mcpu": "sapphirerapids"}, "avx512-vnni"),
         ({"mcpu": "alderlake"}, "avx-vnni"),  # AVX-VNNI, no AVX-512
-        ({"mcpu": "haswell"}, "avx2"),
+        ({"mcpu": "haswell"}, "avx2-u7"),  # full range: "avx2" (the test below)
         ({"mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod", "+i8mm"]}, "neon-i8mm"),
         ({"mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}, "neon-dot"),
         ({"mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}, "neon"),
@@ -272,6 +287,21 @@ def test_the_int8_kernel_follows_the_targets_features(target: dict, isa: str) ->
     tiling = int8_tiling(tvm.target.Target({"kind": "llvm", **target}))
     assert tiling.isa == isa
     assert tiling.nb % tiling.lanes == 0
+
+
+def test_full_range_int8_keeps_8_bit_activations_on_every_cpu() -> None:
+    import tvm
+
+    from canao.compiler.pipelines import int8_full_range
+    from canao.compiler.schedules.dense_int8 import int8_tiling
+
+    def isa(full_range: bool, **target: object) -> str:
+        spec = {"kind": "llvm", **target}
+        return int8_tiling(tvm.target.Target(spec), full_range).isa
+
+    assert isa(True, mcpu="haswell") == "avx2"
+    assert isa(True, mcpu="sapphirerapids") == isa(False, mcpu="sapphirerapids")
+    assert int8_full_range("fast-int8-full-range") and not int8_full_range("fast-int8")
 
 
 def test_avx_vnni_kernel_is_vex_encoded_for_a_cpu_without_avx512() -> None:
@@ -304,6 +334,37 @@ def test_avx2_kernel_is_pair_products_on_int8_weights_for_a_cpu_without_vnni() -
     widens = len(re.findall(r"^\s*vpmovsxbw\s", asm, re.MULTILINE))
     assert "vpdpbusd" not in asm and "zmm" not in asm
     assert madds > 0 and madds == tiling.mr * widens  # one widening per panel, not per row
+
+
+def test_avx2_7bit_kernel_is_byte_products_summed_by_pairs() -> None:
+    """Compiled for Haswell: vpmaddubsw on the int8 weights as stored (no widening), then
+    vpmaddwd by ones, as many of each."""
+    import tvm
+
+    tiling = Int8Tiling.for_isa("avx2-u7")
+    assert (tiling.group, tiling.spec.activation_dtype, tiling.spec.levels) == (4, "uint8", 127)
+    func = dense_int8_primfunc(4, 64, tiling.nb, "bias_gelu", tiling)
+    lib = tvm.compile(
+        tvm.IRModule({"main": func}),
+        target=tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}),
+    )
+    asm = lib.mod.inspect_source("asm")  # type: ignore[union-attr]
+    bytes_ = len(re.findall(r"^\s*vpmaddubsw\s", asm, re.MULTILINE))
+    pairs = len(re.findall(r"^\s*vpmaddwd\s", asm, re.MULTILINE))
+    assert "vpdpbusd" not in asm and "zmm" not in asm and "vpmovsxbw" not in asm
+    assert bytes_ > 0 and bytes_ == pairs
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_avx2_7bit_kernel_is_exact_where_full_range_bytes_would_saturate(sign: float) -> None:
+    """Every activation at the top level (127) against weights at +-127: each vpmaddubsw
+    pair is +-32258, next to int16's limit (255 would give 64770 and saturate)."""
+    m, k, n = 4, 64, 16
+    x = np.full((m, k), 3.0, np.float32)  # a row of one positive value: all 127
+    w = np.full((k, n), sign * 0.02, np.float32)  # one value per column: all +-127
+    got, expected, _ = run_kernel(x, w, np.zeros(n, np.float32), "none", "avx2-u7")
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    np.testing.assert_allclose(got, x @ w, rtol=1e-3)  # 127 x 127 x 64, scaled back
 
 
 def test_int8_on_a_cpu_without_avx2_fails_before_training() -> None:

@@ -17,12 +17,15 @@ The micro-kernel is chosen from the target's features (:func:`int8_tiling`, :dat
 AVX-512 VNNI (``vpdpbusd`` on zmm, 16 lanes), AVX-VNNI (``vpdpbusd`` on ymm, 8 lanes),
 aarch64 i8mm (``usdot``, 4 lanes, uint8 x int8), aarch64 dotprod (``sdot``, 4 lanes: signed
 x signed, so activations are stored as ``qa - 128`` and the zero-point term uses
-``za - 128``, the same integers), AVX2 without VNNI (``vpmaddwd``, 8 lanes: activations
-stored as int16, weights widened from int8 in the register, pairs of products summed into
-int32, then added), and, on NEON without dotprod, plain widening multiply-adds that LLVM
-vectorises: correct, slower. Every path computes the same integers; the weights' packing
-follows the lane count and the instruction's group of k (4, or 2 for ``vpmaddwd``),
-``Wq[N // lanes, Kp // group, lanes, group]``, int8 on every path.
+``za - 128``, the same integers), AVX2 without VNNI (by default ``vpmaddubsw`` on 7-bit
+activations, 0..127 as FBGEMM's ``reduce_range``, then ``vpmaddwd`` by ones; with
+``full_range``, ``vpmaddwd`` on activations stored as int16 and weights widened from int8 in
+the register), and, on NEON without dotprod, plain widening multiply-adds that LLVM
+vectorises: correct, slower. Every path but AVX2's 7-bit one computes the same integers
+(that one quantizes activations to 127 levels instead of 255, and its PyTorch reference
+does the same); the weights' packing follows the lane count and the instruction's group of
+k (4, or 2 for ``vpmaddwd``), ``Wq[N // lanes, Kp // group, lanes, group]``, int8 on every
+path.
 
 An activation is scaled by the row's reciprocal scale ``1 / sa`` (one IEEE division per row;
 a division per element was 40% of the quantizer's time) and rounded half to even
@@ -59,6 +62,9 @@ class Int8Isa:
     requires: str  # for messages: the CPU feature it is chosen by
     group: int = 4  # k values one lane sums per instruction (the packing's innermost axis)
     accumulates: bool = True  # the intrinsic adds into its first operand (else: add after)
+    # The activations' top level: 255 (uint8), or 127 where the dot instruction would
+    # saturate on full-range uint8 (AVX2's vpmaddubsw sums two uint8 x int8 products in int16).
+    levels: int = 255
 
 
 ISAS: dict[str, Int8Isa] = {
@@ -77,6 +83,23 @@ ISAS: dict[str, Int8Isa] = {
         # pair of k and used by all four rows.
         Int8Isa(
             "avx2", 8, "llvm.x86.avx2.pmadd.wd", "int16", 2, "avx2", group=2, accumulates=False
+        ),
+        # AVX2 with 7-bit activations (0..127), as FBGEMM's ``reduce_range`` on CPUs without
+        # VNNI: vpmaddubsw's pair of uint7 x int8 products (at most 2 * 127 * 127 = 32258)
+        # cannot saturate int16, so it is exact, then vpmaddwd by ones sums pairs into int32.
+        # Three instructions per 4 k (vpmaddubsw, vpmaddwd, vpaddd) against four (two
+        # vpmaddwd, two vpaddd) and no widening of weights: 1.3x the "avx2" kernel, at half
+        # the activation resolution. The default on AVX2 hosts (int8_isa); "avx2" is the
+        # full-range choice (pipeline fast-int8-full-range).
+        Int8Isa(
+            "avx2-u7",
+            8,
+            "llvm.x86.avx2.pmadd.ub.sw",
+            "uint8",
+            2,
+            "avx2",
+            accumulates=False,
+            levels=127,
         ),
         Int8Isa("neon", 4, None, "uint8", 2, "neon"),
     )
@@ -130,8 +153,9 @@ class Int8Tiling:
         return self.spec.activation_dtype == "int8"
 
 
-def int8_isa(target: object) -> str:
-    """The best int8 micro-kernel ``target``'s CPU features allow."""
+def int8_isa(target: object, full_range: bool = False) -> str:
+    """The fastest int8 micro-kernel ``target``'s CPU features allow; with ``full_range``,
+    the fastest with 8-bit activations (on AVX2 without VNNI: "avx2", not "avx2-u7")."""
     from tvm.target.codegen import llvm_cpu_has_features
 
     from canao.errors import UnknownPipelineError
@@ -142,7 +166,7 @@ def int8_isa(target: object) -> str:
     attrs = getattr(target, "attrs", {})
     if "aarch64" in str(attrs.get("mtriple", "")):
         return next((isa for isa in ("neon-i8mm", "neon-dot") if has(ISAS[isa].requires)), "neon")
-    for isa in ("avx512-vnni", "avx-vnni", "avx2"):
+    for isa in ("avx512-vnni", "avx-vnni", "avx2" if full_range else "avx2-u7"):
         if has(ISAS[isa].requires):
             return isa
     raise UnknownPipelineError(
@@ -151,9 +175,9 @@ def int8_isa(target: object) -> str:
     )
 
 
-def int8_tiling(target: object) -> Int8Tiling:
+def int8_tiling(target: object, full_range: bool = False) -> Int8Tiling:
     """The int8 register tile for ``target``; one clear error where there is no int8 path."""
-    return Int8Tiling.for_isa(int8_isa(target))
+    return Int8Tiling.for_isa(int8_isa(target, full_range))
 
 
 def int8_packs(n: int, tiling: Int8Tiling) -> bool:
@@ -194,26 +218,32 @@ def pack_int8_weight(qw: np.ndarray, tiling: Int8Tiling) -> np.ndarray:
 # ---- the PyTorch reference of exactly this scheme ----
 
 
-def quantize_rows(x: np.ndarray | object) -> tuple[object, object, object]:
-    """Per-row asymmetric uint8 of a float32 torch tensor ``[M, K]``: (qa, sa, za)."""
+def quantize_rows(x: np.ndarray | object, levels: int = 255) -> tuple[object, object, object]:
+    """Per-row asymmetric uint8 (0..``levels``) of a float32 torch tensor ``[M, K]``: (qa,
+    sa, za)."""
     import torch
 
     lo = torch.clamp(x.amin(dim=-1), max=0.0)  # type: ignore[union-attr]
     hi = torch.clamp(x.amax(dim=-1), min=0.0)  # type: ignore[union-attr]
-    scale = torch.where(hi > lo, (hi - lo) / 255.0, torch.ones_like(hi))
-    zero = torch.clamp(torch.floor(-lo / scale + 0.5), 0, 255)
+    scale = torch.where(hi > lo, (hi - lo) / float(levels), torch.ones_like(hi))
+    zero = torch.clamp(torch.floor(-lo / scale + 0.5), 0, levels)
     inverse = 1.0 / scale
-    q = torch.clamp(torch.round(x * inverse[:, None]) + zero[:, None], 0, 255)  # half to even
+    q = torch.clamp(torch.round(x * inverse[:, None]) + zero[:, None], 0, levels)  # half to even
     return q, scale, zero
 
 
 def reference_dense(
-    x: object, qw: np.ndarray, sw: np.ndarray, bias: np.ndarray | None, epilogue: str
+    x: object,
+    qw: np.ndarray,
+    sw: np.ndarray,
+    bias: np.ndarray | None,
+    epilogue: str,
+    levels: int = 255,
 ) -> object:
     """What the compiled kernel computes, in PyTorch (float64 for the exact integer sums)."""
     import torch
 
-    q, scale, zero = quantize_rows(x)
+    q, scale, zero = quantize_rows(x, levels)
     w = torch.from_numpy(qw.astype(np.float64))
     acc = q.double() @ w - zero.double()[:, None] * w.sum(0)[None, :]  # type: ignore[union-attr]
     y = acc.float() * (scale[:, None] * torch.from_numpy(sw)[None, :])  # type: ignore[index]
@@ -235,6 +265,8 @@ def _register_dot(isa: Int8Isa) -> str:
     verifier. ``A``'s group (32 bits) is broadcast to every lane (one row of activations
     against ``lanes`` columns). ``vpmaddwd`` takes int16 weights: the int8 ones are widened
     in the register (``vpmovsxbw``), so the packed weights stay int8 on every path.
+    ``vpmaddubsw`` (group 4, not accumulating) leaves int16 sums of pairs, which
+    ``vpmaddwd`` by ones adds into int32.
     """
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
@@ -248,7 +280,8 @@ def _register_dot(isa: Int8Isa) -> str:
     except Exception:
         pass
     width = lanes * group
-    operand = a_dtype if isa.accumulates else "int16"  # vpmaddwd: int16 x int16
+    # vpmaddwd multiplies int16 x int16; every 8-bit instruction takes bytes.
+    operand = "int16" if group == 2 else a_dtype
 
     # The accumulators are a register tile (scope "local"), which TVM's own description
     # (scope "global") does not match.
@@ -276,8 +309,13 @@ def _register_dot(isa: Int8Isa) -> str:
         acc, lookup = C.vload([0], dtype=f"int32x{lanes}"), T.llvm_lookup_intrinsic_id(intrinsic)
         if isa.accumulates:  # vpdpbusd, sdot, usdot add into their first operand
             return T.call_llvm_pure_intrin(lookup, acc, a, b, dtype=f"int32x{lanes}")
-        widened = b.astype(f"int16x{width}")  # vpmaddwd: then add
-        return acc + T.call_llvm_pure_intrin(lookup, a, widened, dtype=f"int32x{lanes}")
+        if group == 2:  # vpmaddwd on weights widened to int16, then add
+            widened = b.astype(f"int16x{width}")
+            return acc + T.call_llvm_pure_intrin(lookup, a, widened, dtype=f"int32x{lanes}")
+        pairs = T.call_llvm_pure_intrin(lookup, a, b, dtype=f"int16x{2 * lanes}")  # vpmaddubsw
+        widen = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
+        ones = T.broadcast(T.int16(1), 2 * lanes)
+        return acc + T.call_llvm_pure_intrin(widen, pairs, ones, dtype=f"int32x{lanes}")
 
     @T.prim_func(s_tir=True)
     def impl(
@@ -294,12 +332,12 @@ def _register_dot(isa: Int8Isa) -> str:
     return name
 
 
-def quantize_primfunc(m: int, k: int, dtype: str = "uint8") -> object:
+def quantize_primfunc(m: int, k: int, dtype: str = "uint8", levels: int = 255) -> object:
     """``x[M, K]`` fp32 -> (``qa[M, Kp]`` in ``dtype``, ``sa[M]`` fp32, ``za[M]`` fp32 integer).
 
     ``dtype`` is the ISA's ``activation_dtype``: uint8, int8 (stored as ``qa - 128``, for
-    sdot) or int16 (the same 0..255 values, for vpmaddwd). Padding stays 0 either way (it
-    multiplies zero weight rows).
+    sdot) or int16 (the same 0..255 values, for vpmaddwd); ``levels`` its top level (255, or
+    127 for AVX2's vpmaddubsw). Padding stays 0 either way (it multiplies zero weight rows).
     """
     if dtype not in QUANTIZED_DTYPES:
         raise ValueError(f"activation dtype {dtype!r}: expected one of {QUANTIZED_DTYPES}")
@@ -310,16 +348,16 @@ def quantize_primfunc(m: int, k: int, dtype: str = "uint8") -> object:
     x = te.placeholder((m, k), "float32", name="x")
     lo, hi = _row_min_max(x, m, k)
     zero_f, one = tirx.const(0.0, "float32"), tirx.const(1.0, "float32")
-    half = tirx.const(0.5, "float32")
+    half, top = tirx.const(0.5, "float32"), tirx.const(float(levels), "float32")
 
     def scale_of(i: object) -> object:
         low, high = te.min(lo[i], zero_f), te.max(hi[i], zero_f)
-        return tirx.Select(high > low, (high - low) / tirx.const(255.0, "float32"), one)
+        return tirx.Select(high > low, (high - low) / top, one)
 
     scale = te.compute((m,), scale_of, name="sa")
     zero_point = te.compute(
         (m,),
-        lambda i: te.max(te.min(te.floor(-te.min(lo[i], zero_f) / scale[i] + half), 255.0), zero_f),
+        lambda i: te.max(te.min(te.floor(-te.min(lo[i], zero_f) / scale[i] + half), top), zero_f),
         name="zf",
     )
     inverse = te.compute((m,), lambda i: one / scale[i], name="inv")
@@ -332,7 +370,7 @@ def quantize_primfunc(m: int, k: int, dtype: str = "uint8") -> object:
                 te.max(
                     te.min(
                         tirx.nearbyint(x[i, te.min(j, k - 1)] * inverse[i]) + zero_point[i],
-                        255.0,
+                        top,
                     ),
                     zero_f,
                 )

@@ -143,11 +143,11 @@ class _Rewriter:
         qw, sw = quantize_weight(weight)
         qw = np.pad(qw, ((0, 0), (0, wide - n)))  # zero columns: sliced off below
         sw = np.pad(sw, (0, wide - n), constant_values=1.0).astype(np.float32)
-        stored = tiling.spec.activation_dtype
+        stored, levels = tiling.spec.activation_dtype, tiling.spec.levels
         quantize = self.add(
-            ("q8", m, k, stored),
-            f"canao_quantize_{STORED_NAMES[stored]}_{m}x{k}",
-            lambda: quantize_primfunc(m, k, stored),
+            ("q8", m, k, stored, levels),
+            f"canao_quantize_{quantized_name(stored, levels)}_{m}x{k}",
+            lambda: quantize_primfunc(m, k, stored, levels),
         )
         rows = relax.TensorType((m,), "float32")
         q = relax.call_tir(quantize, [x], [relax.TensorType((m, kp), stored), rows, rows])
@@ -173,6 +173,11 @@ class _Rewriter:
 
 
 STORED_NAMES = {"uint8": "u8", "int8": "s8", "int16": "i16"}  # quantize kernels by what they store
+
+
+def quantized_name(stored: str, levels: int) -> str:
+    """``u8``, ``s8``, ``i16``; ``u7`` for uint8 activations of 127 levels (AVX2's 7-bit)."""
+    return "u7" if (stored, levels) == ("uint8", 127) else STORED_NAMES[stored]
 
 
 def pack_dense_weights(
