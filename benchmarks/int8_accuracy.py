@@ -11,6 +11,10 @@ saturate on 8). Issue 16's goal: at most 0.5 point lost.
 
     python benchmarks/int8_accuracy.py [--tasks movie-reviews,sst2,rte]
 
+RTE is not in the default: its one-epoch teacher on this CPU does not beat the majority
+class (0.469 against 0.527 with batches grouped by length; 0.574 before), so its int8
+difference is noise.
+
 Teachers come from the cache (fine-tuned the first time, as ``canao search`` does:
 movie-reviews on its first 6400 sentences as in the quick start, SST-2 and RTE on their
 whole training sets, one epoch). Prints the table; writes
@@ -44,7 +48,7 @@ def score(model: object, tokenizer: object, data: dict, task: str, length: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", default="movie-reviews,sst2,rte")
+    parser.add_argument("--tasks", default="movie-reviews,sst2")
     args = parser.parse_args()
     rows = []
     for task in args.tasks.split(","):

@@ -11,8 +11,8 @@ retrained winner against equal-latency baselines retrained with the same budget.
    - uniform narrowing: all 6 layers, uniformly narrower, at the width whose measured
      latency is closest to the winner's.
 3. Each baseline's rival: the most accurate Pareto point at no more search latency,
-   retrained alone with the same budget and saved (the search keeps only its winner, so
-   a rival it retrained too is retrained again: seeded, the same model, about 1.5 min).
+   retrained alone with the same budget and saved under ``front/`` beside the points the
+   search retrained (a rival the search retrained is used as it saved it).
 4. Teacher, winner, baselines and rivals timed side by side (interleaved) in one process.
 5. Dominance: each baseline against the retrained front (a retrained point at no more
    latency and no less accuracy).
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from _results import RESULTS, header, publish
 
 from canao.nas.calibrate import calibrate_readout
 from canao.nas.distill import SupernetConfig, batches, cache_root, load_teacher
-from canao.nas.job import SearchJob, SearchOutcome, retrain_winner, run_job
+from canao.nas.job import FRONT_DIR, SearchJob, SearchOutcome, retrain_winner, run_job
 from canao.nas.retrain import RetrainConfig, retrain
 from canao.nas.space import ArchConfig
 from canao.nas.supernet import IMPORTANCE, extract, reorder_by_importance
@@ -138,15 +137,14 @@ def front_matches(
 ) -> tuple[pd.DataFrame, dict[str, str]]:
     """Each baseline's equal-latency rival from the search: the most accurate Pareto point
     at no more search latency, retrained alone with the same budget and saved under
-    ``front/`` to be timed beside the baseline (the winner is already saved).
+    ``front/`` to be timed beside the baseline.
 
-    The search retrains the top of its front, near the target; a baseline faster than
-    those points could otherwise never be dominated however good the front below it is.
-    A rival the search retrained too is retrained again only to be saved (seeded: the same
-    model). Returns the retrained points (the search's and new ones) and baseline -> arch.
+    The search retrains the top of its front, near the target, and saves each point under
+    ``front/`` (this run's: it clears the folder first); a baseline faster than those points
+    could otherwise never be dominated however good the front below it is. Returns the
+    retrained points (the search's and new ones) and baseline -> arch.
     """
     front = pd.read_csv(job.out / "pareto.csv")
-    shutil.rmtree(job.out / "front", ignore_errors=True)  # what is there was retrained now
     points, rivals = [retrained], {}
     for baseline in baselines:
         within = front[front["latency_ms"] <= float(baseline["search_latency_ms"])]  # type: ignore[arg-type]
@@ -155,12 +153,12 @@ def front_matches(
         rival = within.sort_values(["accuracy", "latency_ms"], ascending=[False, True]).iloc[0]
         arch = str(rival["arch"])
         rivals[str(baseline["model"])] = arch
-        if arch == str(outcome.winner["arch"]) or (job.out / "front" / arch).is_dir():  # type: ignore[index]
+        if (job.out / FRONT_DIR / arch).is_dir():  # retrained by the search, or for a baseline
             continue
         model = outcome.evaluator.sub_network(ArchConfig.from_key(arch))
         info = retrain_winner(outcome.evaluator, model, job, print, what=f"front point {arch}")
         assert info is not None
-        folder = job.out / "front" / arch
+        folder = job.out / FRONT_DIR / arch
         model.save_pretrained(folder)
         outcome.evaluator.supernet.tokenizer.save_pretrained(folder)
         row = {
@@ -169,14 +167,7 @@ def front_matches(
             "accuracy_before": info["before"]["accuracy"],  # type: ignore[index]
             "accuracy": info["after"]["accuracy"],  # type: ignore[index]
         }
-        earlier = retrained[retrained["arch"] == arch]
-        if earlier.empty:
-            points.append(pd.DataFrame([row]))
-        else:  # seeded retraining: the search's accuracy again, or the table says otherwise
-            print(
-                f"front point {arch}: {row['accuracy']:.4f} (the search's retraining: "
-                f"{float(earlier['accuracy'].iloc[0]):.4f})"
-            )
+        points.append(pd.DataFrame([row]))
     return pd.concat(points, ignore_index=True), rivals
 
 
@@ -285,9 +276,9 @@ def main() -> None:
     baselines = retrained_baselines(outcome, retrain_config, args.out)
     retrained, rivals = front_matches(outcome, job, baselines, retrained)
     rival_folders = {
-        f"{RIVAL_ROW} {arch}": args.out / "front" / arch
+        f"{RIVAL_ROW} {arch}": args.out / FRONT_DIR / arch
         for arch in dict.fromkeys(rivals.values())
-        if (args.out / "front" / arch).is_dir()
+        if arch != str(outcome.winner["arch"])  # type: ignore[index]  # timed as the winner
     }
     folders = {
         "teacher": Path(str(outcome.evaluator.supernet.info["teacher"])),

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -664,6 +665,9 @@ def retrain_candidates(
     return [winner, *(row for _, row in ranked.head(max(top - 1, 0)).iterrows())]
 
 
+FRONT_DIR = "front"  # retrained Pareto points, one checkpoint per architecture
+
+
 def retrain_front(
     evaluator: SupernetEvaluator,
     front: pd.DataFrame,
@@ -675,20 +679,28 @@ def retrain_front(
 ) -> tuple[pd.Series, torch.nn.Module]:
     """Retrain the top ``job.retrain_top`` candidates alone; the best after retraining wins.
 
-    Writes ``retrained.csv`` (each candidate's latency and its metrics before and after) and
+    Each retrained candidate is saved as a Hugging Face checkpoint under ``front/<arch>/``
+    (the winner is also exported to ``winner/``): a user who prefers another point of the
+    front, say a faster one, has it without retraining. Writes ``retrained.csv`` (each
+    candidate's latency, its metrics before and after, its checkpoint) and
     ``summary["retrained"]``; returns the new winner's row and its retrained model.
     """
     rows, best = [], None
+    shutil.rmtree(job.out / FRONT_DIR, ignore_errors=True)  # an earlier run's points
     for row in retrain_candidates(front, winner, job.retrain_top, settings.latency_ms):
         model = evaluator.sub_network(ArchConfig.from_key(str(row["arch"])))
         info = retrain_winner(evaluator, model, job, log, what=f"candidate {row['arch']}")
         assert info is not None  # retrain.steps > 0 and a training split: checked by the caller
+        folder = job.out / FRONT_DIR / str(row["arch"])
+        model.save_pretrained(folder)
+        evaluator.supernet.tokenizer.save_pretrained(folder)
         rows.append(
             {
                 "arch": row["arch"],
                 "latency_ms": float(row["latency_ms"]),
                 **{f"{k}_before": v for k, v in info["before"].items()},  # type: ignore[union-attr]
                 **info["after"],  # type: ignore[dict-item]
+                "checkpoint": str(folder),
             }
         )
         after = float(info["after"]["accuracy"])  # type: ignore[index]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from canao.nas.job import SearchJob, SupernetEvaluator, retrain_candidates, retrain_front
 from canao.nas.retrain import RetrainConfig
@@ -51,6 +52,22 @@ def test_retraining_the_front_exports_the_best_after_retraining(tmp_path: Path) 
     )
     assert summary["retrain"]["steps"] == 2
     assert (chosen["arch"] != large.key) == ("winner_from_search" in summary)
+    # Every retrained point is kept, loadable, and is the model that was scored.
+    from transformers import BertForSequenceClassification
+
+    stale = tmp_path / "front" / "an-earlier-run"
+    assert sorted(p.name for p in (tmp_path / "front").iterdir()) == sorted([small.key, large.key])
+    for row in table.itertuples():
+        saved = BertForSequenceClassification.from_pretrained(row.checkpoint)
+        arch = small if row.arch == small.key else large
+        assert saved.config.num_hidden_layers == arch.num_layers
+        assert (Path(row.checkpoint) / "tokenizer.json").is_file()
+    kept = BertForSequenceClassification.from_pretrained(tmp_path / "front" / chosen["arch"])
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, kept.state_dict()[name]), name
+    stale.mkdir()
+    retrain_front(evaluator, points, points.iloc[1], job, settings, {}, lambda _: None)
+    assert not stale.exists()  # a rerun's front is its own
 
 
 def test_sentence_pairs_are_trained_and_scored_at_128_tokens() -> None:
