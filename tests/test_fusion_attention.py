@@ -151,7 +151,14 @@ def test_kernel_against_numpy(shape: AttentionShape, approximate: bool) -> None:
 
 @pytest.mark.parametrize("lanes", [16, 8, 4], ids=["avx512", "avx2", "neon"])
 def test_tile_heights_follow_the_register_budget(lanes: int) -> None:
-    """D=64 heads: P @ V takes shorter tiles than Q K^T; results do not depend on it."""
+    """D=64 heads: P @ V takes the tile that loads least per FMA within the budget (AVX2:
+    4 rows x 16 columns in four passes over D, not one 64-wide row); results do not
+    depend on it."""
+    from canao.compiler.schedules.attention import _output_tile
+
+    expected = {16: (4, 64), 8: (4, 16), 4: (4, 16)}[lanes]
+    assert _output_tile(32, 64, lanes, 16 if lanes != 8 else 8) == expected
+    assert _output_tile(7, 64, 8, 8) == (1, 64)  # no row count divides 7: one row at a time
     shape = AttentionShape(1, 32, 2, 64, 384, 384, 384, 0, 128, 256, (1, 1, 1, 32))
     rng = np.random.default_rng(2)
     q, k, v = (rng.standard_normal((32, 384)).astype(np.float32) for _ in range(3))
