@@ -52,6 +52,17 @@ class CompiledModel:
         """What a latency cache key needs: same model, shapes, target, pipeline."""
         return self.model.fingerprint
 
+    def int8_kernel(self) -> dict[str, Any] | None:
+        """An int8 build's micro-kernel and activation bits (7 on AVX2's default kernel);
+        None for float builds."""
+        from canao.compiler.pipelines import INT8_PIPELINES
+        from canao.compiler.quantized import int8_scheme
+
+        if self.pipeline not in INT8_PIPELINES:
+            return None
+        scheme = int8_scheme(self.target.name, self.pipeline)
+        return {"kernel": scheme.isa, "activation_bits": scheme.spec.levels.bit_length()}
+
     def manifest(self) -> dict[str, Any]:
         from canao.latency.environment import versions
 
@@ -80,6 +91,7 @@ class CompiledModel:
                 "device_type": self.target.device_type,
             },
             "pipeline": self.pipeline,
+            "int8": self.int8_kernel(),
             "inputs": [{"name": n, "shape": shape, "dtype": "int64"} for n in INPUT_NAMES],
             "kernels": self.kernels.summary(),
             "numerics": self.numerics,

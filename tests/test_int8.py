@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -232,7 +233,9 @@ def test_compile_with_precision_int8_reports_both_distances(
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "(fast-int8)" in printed and "the quantization error" in printed
-    assert (out / "manifest.json").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    bits = 7 if host_isa() == "avx2-u7" else 8
+    assert manifest["int8"] == {"kernel": host_isa(), "activation_bits": bits}
     bad = ["compile", str(model), "--precision", "int8", "--pipeline", "default", "-o", str(out)]
     assert main(bad) == 2
     assert "drop --pipeline default" in capsys.readouterr().err
