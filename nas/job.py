@@ -17,6 +17,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -142,8 +143,15 @@ class SupernetEvaluator:
         retrained and exported."""
         model = extract(self.supernet.model, arch)
         if self.calibrate > 0 and self.train is not None:
+            # An int8 search reads the features the int8 build computes (nas/calibrate.py).
+            deployed = partial(quantized_reference, tiling=self.int8) if self.int8 else None
             calibrate_readout(
-                model, self.supernet.tokenizer, self.train, self.calibrate, self.max_length
+                model,
+                self.supernet.tokenizer,
+                self.train,
+                self.calibrate,
+                self.max_length,
+                deployed=deployed,
             )
         return model
 
@@ -154,7 +162,9 @@ class SupernetEvaluator:
         """Cached per (super-network, dev split, metrics, architecture): controllers revisit."""
         key = f"{self._dev_key()}|{self.max_length}|{','.join(self.metric_names)}|{arch.key}"
         key += f"|int8-{self.int8.spec.levels}" if self.int8 else ""
+        # "on-int8": the read-out fitted on quantized features (before: on float ones).
         key += f"|calibrate{self.calibrate}" if self.calibrate > 0 else ""
+        key += "-on-int8" if self.calibrate > 0 and self.int8 else ""
         with self._store() as db:
             hit = db.execute("SELECT metrics FROM metrics WHERE key = ?", (key,)).fetchone()
         if hit is not None:

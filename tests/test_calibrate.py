@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -65,6 +66,32 @@ def test_calibrated_sub_network_learns_a_task_its_shared_read_out_misses(
     calibrated = calibrate_readout(cut, supernet.tokenizer, train, 64, max_length=32)
     assert calibrated is cut  # in place: the same plain BERT classifier, exported as is
     assert accuracy(cut, supernet.tokenizer, train, 32) > max(shared, 0.9)
+
+
+def test_read_out_is_fitted_on_the_deployed_models_features(tmp_path: Path) -> None:
+    """An int8 search fits the read-out on the quantized model's features. Here the
+    "deployed" copy negates the pooled features (tanh is odd): the read-out fitted on them
+    reads the deployed copy right and the float model inverted."""
+    supernet, train = toy_supernet(tmp_path, examples=64)
+    arch = ArchConfig.from_key(supernet.space.smallest().key)
+    copies: list[torch.nn.Module] = []
+
+    def deployed(model: torch.nn.Module) -> torch.nn.Module:
+        flipped = copy.deepcopy(model)
+        with torch.no_grad():
+            flipped.bert.pooler.dense.weight.neg_()  # type: ignore[union-attr]
+            flipped.bert.pooler.dense.bias.neg_()  # type: ignore[union-attr]
+        copies.append(flipped)
+        return flipped
+
+    cut = extract(supernet.model, arch)
+    calibrate_readout(cut, supernet.tokenizer, train, 64, max_length=32, deployed=deployed)
+    (reader,) = copies
+    untouched = extract(supernet.model, arch).classifier.weight
+    assert torch.equal(reader.classifier.weight, untouched)  # the fit went to the model
+    reader.classifier.load_state_dict(cut.classifier.state_dict())
+    assert accuracy(reader, supernet.tokenizer, train, 32) > 0.9
+    assert accuracy(cut, supernet.tokenizer, train, 32) <= 0.5  # chance, or inverted
 
 
 def test_evaluator_scores_the_calibrated_sub_network(tmp_path: Path) -> None:
