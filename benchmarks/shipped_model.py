@@ -205,7 +205,7 @@ def retime(args: argparse.Namespace) -> None:
         if name.startswith("canao winner"):
             folders[name] = args.out / "winner" / "model"
         elif name == RIVAL_ROW:
-            folders[row_key(row)] = args.out / "front" / arch
+            folders[row_key(row)] = args.out / FRONT_DIR / arch
         elif not name.startswith("teacher"):
             folders[name] = args.out / "baselines" / arch
     missing = [str(path) for path in folders.values() if not (path / "config.json").is_file()]
