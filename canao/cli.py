@@ -485,6 +485,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         f"in {compiled.build_seconds:.1f} s -> {folder}"
     )
     print("kernels: " + ", ".join(f"{k}={v}" for k, v in kernels.items()))
+    int8 = compiled.int8_kernel()
+    if int8 is not None:  # AVX2's default kernel quantizes activations to 7 bits
+        print(f"int8 kernel: {int8['kernel']}, {int8['activation_bits']}-bit activations")
     if "max_abs_diff" in numerics:
         print(
             f"numerics vs PyTorch ({numerics['device']}): max abs diff "

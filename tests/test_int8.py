@@ -233,6 +233,7 @@ def test_compile_with_precision_int8_reports_both_distances(
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "(fast-int8)" in printed and "the quantization error" in printed
+    assert f"int8 kernel: {host_isa()}," in printed
     manifest = json.loads((out / "manifest.json").read_text())
     bits = 7 if host_isa() == "avx2-u7" else 8
     assert manifest["int8"] == {"kernel": host_isa(), "activation_bits": bits}
