@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -321,42 +322,39 @@ def test_avx_vnni_kernel_is_vex_encoded_for_a_cpu_without_avx512() -> None:
     assert "vpdpbusd" in asm and "zmm" not in asm
 
 
-def test_avx2_kernel_is_pair_products_on_int8_weights_for_a_cpu_without_vnni() -> None:
-    """Compiled for Haswell (AVX2, no VNNI), whatever this host has: vpmaddwd on the
-    int16 activations and the widened weights, each weight load used by every row."""
+def haswell_asm(tiling: Int8Tiling) -> tuple[str, Callable[[str], int]]:
+    """A 4 x 64 GELU dense kernel of ``tiling`` compiled for Haswell (AVX2, no VNNI),
+    whatever this host has: (its assembly, instruction name -> how many times it appears)."""
     import tvm
 
-    tiling = Int8Tiling.for_isa("avx2")
-    assert (tiling.group, tiling.spec.activation_dtype) == (2, "int16")
     func = dense_int8_primfunc(4, 64, tiling.nb, "bias_gelu", tiling)
     lib = tvm.compile(
         tvm.IRModule({"main": func}),
         target=tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}),
     )
     asm = lib.mod.inspect_source("asm")  # type: ignore[union-attr]
-    madds = len(re.findall(r"^\s*vpmaddwd\s", asm, re.MULTILINE))
-    widens = len(re.findall(r"^\s*vpmovsxbw\s", asm, re.MULTILINE))
+    return asm, lambda op: len(re.findall(rf"^\s*{op}\s", asm, re.MULTILINE))
+
+
+def test_avx2_kernel_is_pair_products_on_int8_weights_for_a_cpu_without_vnni() -> None:
+    """vpmaddwd on the int16 activations and the widened weights, each weight load used by
+    every row."""
+    tiling = Int8Tiling.for_isa("avx2")
+    assert (tiling.group, tiling.spec.activation_dtype) == (2, "int16")
+    asm, count = haswell_asm(tiling)
     assert "vpdpbusd" not in asm and "zmm" not in asm
-    assert madds > 0 and madds == tiling.mr * widens  # one widening per panel, not per row
+    madds = count("vpmaddwd")
+    assert madds > 0 and madds == tiling.mr * count("vpmovsxbw")  # a widening per panel
 
 
 def test_avx2_7bit_kernel_is_byte_products_summed_by_pairs() -> None:
-    """Compiled for Haswell: vpmaddubsw on the int8 weights as stored (no widening), then
-    vpmaddwd by ones, as many of each."""
-    import tvm
-
+    """vpmaddubsw on the int8 weights as stored (no widening), then vpmaddwd by ones, as
+    many of each."""
     tiling = Int8Tiling.for_isa("avx2-u7")
     assert (tiling.group, tiling.spec.activation_dtype, tiling.spec.levels) == (4, "uint8", 127)
-    func = dense_int8_primfunc(4, 64, tiling.nb, "bias_gelu", tiling)
-    lib = tvm.compile(
-        tvm.IRModule({"main": func}),
-        target=tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}),
-    )
-    asm = lib.mod.inspect_source("asm")  # type: ignore[union-attr]
-    bytes_ = len(re.findall(r"^\s*vpmaddubsw\s", asm, re.MULTILINE))
-    pairs = len(re.findall(r"^\s*vpmaddwd\s", asm, re.MULTILINE))
+    asm, count = haswell_asm(tiling)
     assert "vpdpbusd" not in asm and "zmm" not in asm and "vpmovsxbw" not in asm
-    assert bytes_ > 0 and bytes_ == pairs
+    assert count("vpmaddubsw") > 0 and count("vpmaddubsw") == count("vpmaddwd")
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
