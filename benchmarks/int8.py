@@ -6,9 +6,9 @@ ONNX Runtime dynamic int8, and times all four interleaved in blocks (``time_inte
 on the same inputs, for each model and sequence length. Where the host's fastest int8
 kernel is not full-range (AVX2 without VNNI: 7-bit activations), the
 ``fast-int8-full-range`` build is timed beside them too. At 1 thread it also times each int8
-dense kernel of the build alone, interleaved with the machine's int8 peak (a register tile
-of independent dot instructions of the host's int8 kernel), and reports the kernel's
-fraction of it.
+dense kernel of the build alone, interleaved with the machine's int8 peak (an assembly loop
+of the kernel's dot instructions alone, on registers: ``canao.latency.peak``), and reports
+the kernel's fraction of it.
 
     python benchmarks/int8.py [--models minilm,bert-base] [--seqs 64,128] [--threads 1,2]
 
@@ -38,17 +38,6 @@ SYSTEMS = (
 )
 
 
-# The peak micro-kernel: the host's register tile (on AVX-512 VNNI 4 x 64, 16 zmm
-# accumulators) over a long reduction whose operands are a single group of 4 (k_wrap=4): LLVM
-# hoists the loads, so the loop is nothing but independent vpdpbusd, the most this core can
-# issue. Where the dot instruction does not accumulate (AVX2's vpmaddwd, then vpaddd), LLVM
-# folds repeated adds of a hoisted product into one (the "peak" ran at 270 GOPS, above the
-# core's), so there the operands span 256 k (6 KB, in L1) and the peak is the micro-kernel
-# with its loads from L1: the tile's ceiling, not the instruction's.
-PEAK_K = 1 << 16
-PEAK_WRAP = {"avx2": 256, "avx2-u7": 256}  # default 4 (one group, loads hoisted)
-
-
 def _kernel_args(m: int, kp: int, n: int, epilogue: str, tiling: object) -> list[object]:
     import tvm
 
@@ -71,9 +60,7 @@ def _kernel_args(m: int, kp: int, n: int, epilogue: str, tiling: object) -> list
     return args
 
 
-def _compiled_kernel(
-    m: int, kp: int, n: int, epilogue: str, tiling: object, k_wrap: int | None = None
-) -> tuple[object, int]:
+def _compiled_kernel(m: int, kp: int, n: int, epilogue: str, tiling: object) -> tuple[object, int]:
     """(a call of the int8 kernel, its operations), built as a model's kernels are."""
     import tvm
 
@@ -81,18 +68,18 @@ def _compiled_kernel(
     from canao.compiler.schedules.dense_int8 import dense_int8_primfunc
     from canao.compiler.targets import get_target
 
-    func = dense_int8_primfunc(m, kp, n, epilogue, tiling, k_wrap=k_wrap)  # type: ignore[arg-type]
+    func = dense_int8_primfunc(m, kp, n, epilogue, tiling)  # type: ignore[arg-type]
     lib = tvm.compile(
         tvm.IRModule({"main": func}),
         target=get_target("x86").tvm_target(),
         tir_pipeline=codegen_pipeline("fast-int8"),
     )
-    args = _kernel_args(m, k_wrap or kp, n, epilogue, tiling)
+    args = _kernel_args(m, kp, n, epilogue, tiling)
     return (lambda: lib["main"](*args)), 2 * m * kp * n
 
 
 def host_tiling(full_range: bool = False) -> object:
-    """The int8 register tile canao picks for this host (its peak loop is this tile's)."""
+    """The int8 register tile canao picks for this host."""
     from canao.compiler.schedules.dense_int8 import int8_tiling
     from canao.compiler.targets import get_target
 
@@ -114,9 +101,10 @@ def results_name() -> str:
 
 
 def kernel_rows(compiled: object, model: str, seq: int) -> list[dict[str, object]]:
-    """Each int8 dense kernel of a build, timed alone at its shape interleaved with the peak
-    micro-kernel (the CPU's clock moves between moments: a ratio is only read side by side)."""
+    """Each int8 dense kernel of a build, timed alone at its shape interleaved with its ISA's
+    peak loop (the CPU's clock moves between moments: a ratio is only read side by side)."""
     from canao.compiler.schedules.dense_int8 import ISAS, Int8Tiling
+    from canao.latency.peak import int8_peak
     from canao.latency.protocol import Protocol, time_interleaved
 
     rows, peaks = [], {}
@@ -131,9 +119,8 @@ def kernel_rows(compiled: object, model: str, seq: int) -> list[dict[str, object
         epilogue, shape = rest.removeprefix(isa.replace("-", "_") + "_").rsplit("_", 1)
         m, kp, n = (int(v) for v in shape.split("x"))
         tile = Int8Tiling.for_isa(isa).for_shape(m, kp)  # as the pass chose it
-        if isa not in peaks:  # the peak of this kernel's own register tile
-            base, wrap = Int8Tiling.for_isa(isa), PEAK_WRAP.get(isa, 4)
-            peaks[isa] = _compiled_kernel(base.mr, PEAK_K, base.nb, "none", base, k_wrap=wrap)
+        if isa not in peaks:  # the ceiling of this kernel's own instructions
+            peaks[isa] = int8_peak(isa)
         peak, peak_ops = peaks[isa]
         kernel, ops = _compiled_kernel(m, kp, n, epilogue, tile)
         seconds = time_interleaved({"kernel": kernel, "peak": peak}, Protocol(3, 40, 5))
@@ -247,8 +234,8 @@ def main() -> None:
     if kernels:
         frame = pd.DataFrame(kernels)
         title = (
-            "int8 dense kernels at 1 thread against their own peak (their register tile of "
-            "independent dot instructions: no loads on VNNI, loads from L1 on AVX2), each "
+            "int8 dense kernels at 1 thread against their ISA's peak (an assembly loop of "
+            "the kernel's dot instructions alone, on registers: canao.latency.peak), each "
             "timed interleaved with the peak. "
             f"{header('1 thread')}"
         )

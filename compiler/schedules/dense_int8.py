@@ -444,15 +444,8 @@ def _vectorise_lanes(sch: object, block: object) -> None:
     sch.vectorize(sch.get_loops(init)[-1])  # type: ignore[attr-defined]
 
 
-def dense_int8_primfunc(
-    m: int, kp: int, n: int, epilogue: str, tiling: Int8Tiling, k_wrap: int | None = None
-) -> object:
-    """``y[M, N]`` from ``qa, sa, za`` and the packed ``Wq``, column sums, scales (+ bias).
-
-    ``k_wrap`` (benchmarks only): operands hold ``k_wrap`` of the ``kp`` reduction steps and
-    are read modulo it. With one group (4), LLVM hoists every load out of the reduction,
-    which is then nothing but independent dot instructions: the micro-kernel's peak.
-    """
+def dense_int8_primfunc(m: int, kp: int, n: int, epilogue: str, tiling: Int8Tiling) -> object:
+    """``y[M, N]`` from ``qa, sa, za`` and the packed ``Wq``, column sums, scales (+ bias)."""
     from tvm import s_tir, te
 
     if epilogue not in EPILOGUES:
@@ -460,19 +453,19 @@ def dense_int8_primfunc(
     if kp % GROUP or n % tiling.nb:
         raise ValueError(f"K={kp} must be a multiple of {GROUP}, N={n} of {tiling.nb}")
     group = tiling.group
-    held, lanes = k_wrap or kp, tiling.lanes
-    qa = te.placeholder((m, held), tiling.spec.activation_dtype, name="qa")
+    lanes = tiling.lanes
+    qa = te.placeholder((m, kp), tiling.spec.activation_dtype, name="qa")
     sa = te.placeholder((m,), "float32", name="sa")
     za = te.placeholder((m,), "float32", name="za")
-    wq = te.placeholder((n // lanes, held // group, lanes, group), "int8", name="Wq")
+    wq = te.placeholder((n // lanes, kp // group, lanes, group), "int8", name="Wq")
     cs = te.placeholder((n,), "int32", name="colsum")
     sw = te.placeholder((n,), "float32", name="sw")
     r = te.reduce_axis((0, kp), name="k")
     acc = te.compute(
         (m, n),
         lambda i, j: te.sum(
-            qa[i, r % held].astype("int32")
-            * wq[j // lanes, (r // group) % (held // group), j % lanes, r % group].astype("int32"),
+            qa[i, r].astype("int32")
+            * wq[j // lanes, r // group, j % lanes, r % group].astype("int32"),
             axis=r,
         ),
         name="gemm",
