@@ -30,15 +30,12 @@ from collections.abc import Iterator
 import pandas as pd
 import torch
 from _results import header, publish
-from int8_accuracy import SCHEMES, TEACHER_EXAMPLES, score
+from int8_accuracy import SCHEMES, score, task_teacher
 from transformers import BertForSequenceClassification
 
 from canao.compiler.quantized import quantized_reference
 from canao.compiler.schedules.dense_int8 import quantize_rows
 from canao.nas.distill import load_teacher
-from canao.nas.finetune import FinetuneConfig, finetune
-from canao.nas.job import task_length
-from canao.nas.tasks import load_task
 
 
 def symmetric(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -79,11 +76,7 @@ def int8_attention_products(levels: int) -> Iterator[None]:
 
 
 def task_rows(task: str) -> list[dict[str, object]]:
-    data = load_task(task)
-    length = task_length(data, 64)
-    path = finetune(
-        FinetuneConfig(task=task, train_limit=TEACHER_EXAMPLES.get(task), max_length=length)
-    )
+    data, length, path = task_teacher(task)
     _, tokenizer = load_teacher(path)
     # Eager attention: SDPA fuses both products, so there is no matmul to quantize.
     teacher = BertForSequenceClassification.from_pretrained(path, attn_implementation="eager")
